@@ -1,0 +1,366 @@
+"""Typed configuration: one dataclass per stage, loaded from YAML plus dotted overrides.
+
+This module is the only home of defaults and of the help text for every option.
+A YAML file holds only the values that differ from the defaults; on the command line,
+``collect.max_tokens=64`` overrides one field (the value is parsed as YAML, so
+``collect.stop=['\\n\\n']`` and ``teacher.base_url=null`` work too).
+
+Every error names the offending field by its dotted path and shows the bad value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value, key or file is invalid. The message names the field."""
+
+
+def _check(cond: bool, path: str, value: Any, why: str) -> None:
+    if not cond:
+        raise ConfigError(f"{path}={value!r}: {why}")
+
+
+@dataclass
+class TeacherConfig:
+    """The black-box teacher. Only text and top-k logprobs ever come back from it."""
+
+    backend: Literal["local", "openai"] = "local"
+    """`local`: a Hugging Face model in this process; `openai`: any OpenAI-compatible endpoint."""
+    model: str = "smollm2-135m-instruct"
+    """local: `smollm2-135m-instruct` (the embedded default), a model folder or a hub id; openai: the served model name."""
+    name: str | None = None
+    """Name that keys the response store and the ledger (default: `model`). Change it when the same model name means another model."""
+    base_url: str | None = None
+    """openai: the endpoint, e.g. http://127.0.0.1:8000/v1 (OpenAI itself when unset)."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """openai: the environment variable that holds the API key. The key itself never appears in any config or file."""
+    endpoint: Literal["chat", "completions"] = "chat"
+    """openai: `/chat/completions` with messages, or `/completions` with the chat-formatted prompt as text."""
+    max_concurrency: int = 8
+    """openai: requests in flight at once."""
+    timeout_s: float = 120.0
+    """openai: per-request timeout in seconds."""
+    max_retries: int = 6
+    """openai: attempts after the first for retryable failures (429, 5xx, timeouts, dropped connections)."""
+    backoff_s: float = 1.0
+    """openai: first backoff delay; doubles per attempt (with jitter) unless the server sends Retry-After."""
+    device: str = "cpu"
+    """local: torch device."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """local: weights' dtype."""
+    batch_size: int = 16
+    """local: prompts generated together in one batch."""
+
+    def validate(self, path: str) -> None:
+        _check(self.max_concurrency >= 1, f"{path}.max_concurrency", self.max_concurrency, "must be >= 1")
+        _check(self.timeout_s > 0, f"{path}.timeout_s", self.timeout_s, "must be > 0")
+        _check(self.max_retries >= 0, f"{path}.max_retries", self.max_retries, "must be >= 0")
+        _check(self.batch_size >= 1, f"{path}.batch_size", self.batch_size, "must be >= 1")
+        _check(bool(self.model), f"{path}.model", self.model, "must name a model")
+
+    @property
+    def key_name(self) -> str:
+        return self.name or f"{self.backend}:{self.model}"
+
+
+@dataclass
+class PriceConfig:
+    """Price of teacher tokens, in any currency unit, per 1000 tokens."""
+
+    prompt_per_1k: float = 0.0
+    completion_per_1k: float = 0.0
+
+    def validate(self, path: str) -> None:
+        _check(self.prompt_per_1k >= 0, f"{path}.prompt_per_1k", self.prompt_per_1k, "must be >= 0")
+        _check(self.completion_per_1k >= 0, f"{path}.completion_per_1k", self.completion_per_1k, "must be >= 0")
+
+
+@dataclass
+class CollectConfig:
+    """Stage `collect`: the teacher's responses to prompts, through its API."""
+
+    prompts: str = "builtin"
+    """`builtin` (the shipped prompt set), a .jsonl file, a .txt file (one prompt a line) or a `datasets` folder saved with save_to_disk."""
+    prompt_field: str = "prompt"
+    """Field holding the prompt text in JSONL / datasets input (a `messages` field, if present, is used as chat messages)."""
+    limit: int | None = None
+    """Use only the first `limit` prompts (after shuffling, if `shuffle`)."""
+    shuffle: bool = False
+    """Shuffle prompts with the run's seed before `limit`."""
+    system_prompt: str | None = None
+    """Optional system message put before every prompt."""
+    n: int = 1
+    """Samples per prompt."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 128
+    """Most tokens per response."""
+    seed: int | None = 0
+    """Sampling seed sent to the teacher (offset per prompt); null for none."""
+    stop: list[str] = field(default_factory=list)
+    top_logprobs: int = 0
+    """Top-k alternatives per generated token to ask for (0..20); 0 asks for none."""
+    budget_tokens: int | None = None
+    """Stop dispatching new requests once prompt + completion tokens would pass this."""
+    budget_cost: float | None = None
+    """Stop dispatching once the cost (from `price`) would pass this."""
+    price: PriceConfig = field(default_factory=PriceConfig)
+    flush_every: int = 16
+    """Records written between fsyncs of the store."""
+
+    def validate(self, path: str) -> None:
+        _check(self.n >= 1, f"{path}.n", self.n, "must be >= 1")
+        _check(self.max_tokens >= 1, f"{path}.max_tokens", self.max_tokens, "must be >= 1")
+        _check(0 <= self.top_logprobs <= 20, f"{path}.top_logprobs", self.top_logprobs, "must be in 0..20")
+        _check(self.temperature >= 0, f"{path}.temperature", self.temperature, "must be >= 0")
+        _check(0 < self.top_p <= 1, f"{path}.top_p", self.top_p, "must be in (0, 1]")
+        _check(self.limit is None or self.limit >= 1, f"{path}.limit", self.limit, "must be >= 1 or null")
+        _check(self.flush_every >= 1, f"{path}.flush_every", self.flush_every, "must be >= 1")
+        for name in ("budget_tokens", "budget_cost"):
+            v = getattr(self, name)
+            _check(v is None or v > 0, f"{path}.{name}", v, "must be > 0 or null")
+        self.price.validate(f"{path}.price")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters through `peft` (off by default: full fine-tuning)."""
+
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    def validate(self, path: str) -> None:
+        _check(self.r >= 1, f"{path}.r", self.r, "must be >= 1")
+        _check(0 <= self.dropout < 1, f"{path}.dropout", self.dropout, "must be in [0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    """The one training loop (accelerate), shared by `proxy` and `distill`."""
+
+    model: str = "smollm2-135m-instruct"
+    """Model to train: the embedded name, a folder, or a hub id (any AutoModelForCausalLM)."""
+    template: Literal["chat", "plain"] = "chat"
+    """`chat`: the tokenizer's chat template; `plain`: prompt, newline, response, EOS."""
+    max_length: int = 512
+    """Longest tokenized example; longer ones are truncated (the response end is cut)."""
+    packing: bool = False
+    """Pack several examples into one row of `max_length` instead of padding each."""
+    batch_size: int = 8
+    """Examples per device per micro-step."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step. Global batch = batch_size * grad_accum * processes."""
+    max_steps: int = 100
+    """Optimizer steps."""
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    schedule: Literal["cosine", "constant"] = "cosine"
+    max_grad_norm: float = 1.0
+    """Gradient clipping; 0 turns it off."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """`auto`: bf16 where the device supports it, else full precision."""
+    eval_every: int = 0
+    """Evaluate on held-out examples every N steps (0: only at the end)."""
+    save_every: int = 50
+    """Checkpoint every N steps, for exact resume (0: only at the end)."""
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    seed: int = 0
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def validate(self, path: str) -> None:
+        for name in ("max_length", "batch_size", "grad_accum", "max_steps", "log_every", "keep_checkpoints"):
+            v = getattr(self, name)
+            _check(v >= 1, f"{path}.{name}", v, "must be >= 1")
+        for name in ("warmup_steps", "eval_every", "save_every"):
+            v = getattr(self, name)
+            _check(v >= 0, f"{path}.{name}", v, "must be >= 0")
+        _check(self.lr > 0, f"{path}.lr", self.lr, "must be > 0")
+        _check(self.max_grad_norm >= 0, f"{path}.max_grad_norm", self.max_grad_norm, "must be >= 0")
+        self.lora.validate(f"{path}.lora")
+
+
+@dataclass
+class ServeConfig:
+    """`bayeskd serve`: an OpenAI-compatible server in front of a local model."""
+
+    host: str = "127.0.0.1"
+    """Bind address. Loopback by default; bind elsewhere only on purpose."""
+    port: int = 8000
+    api_key_env: str | None = None
+    """If set, the environment variable holding the bearer token that clients must send."""
+    max_tokens_limit: int = 1024
+    """Requests asking for more `max_tokens` are refused with 400."""
+    max_n: int = 16
+    max_batch: int = 16
+    """Requests generated together in one batch."""
+    batch_wait_ms: float = 10.0
+    """How long the batcher waits to fill a batch."""
+    max_queue: int = 256
+    """Requests waiting beyond this are shed with 429 and Retry-After."""
+
+    def validate(self, path: str) -> None:
+        _check(1 <= self.port <= 65535, f"{path}.port", self.port, "must be a TCP port")
+        for name in ("max_tokens_limit", "max_n", "max_batch", "max_queue"):
+            v = getattr(self, name)
+            _check(v >= 1, f"{path}.{name}", v, "must be >= 1")
+
+
+@dataclass
+class Config:
+    """A whole run: where it lives, its seed, the teacher, and one section per stage."""
+
+    run_dir: str = "runs/default"
+    """Folder of the run: one sub-folder per stage, each with a manifest."""
+    seed: int = 0
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+    def validate(self) -> Config:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                value.validate(f.name)
+        return self
+
+
+# ---------------------------------------------------------------- loading and overrides
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check (and minimally coerce) `value` against the annotation `tp`, naming `path` on error."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}={value!r}: expected {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}={value!r}: must be one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}={value!r}: expected a list")
+        return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}={value!r}: expected a mapping")
+        return {k: _coerce(v, args[1], f"{path}.{k}") for k, v in value.items()} if args else dict(value)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}={value!r}: expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}={value!r}: expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}={value!r}: expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}={value!r}: expected a string")
+        return value
+    raise ConfigError(f"{path}: unsupported annotation {tp!r}")  # a bug in this module, not in the YAML
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}={data!r}: expected a mapping of {cls.__name__} fields")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(
+            f"unknown key {where}{unknown[0]!s}; {cls.__name__} has: {', '.join(sorted(names))}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {k} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`collect.max_tokens=64` -> ("collect.max_tokens", 64). Values are parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. collect.max_tokens=64")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}={raw!r}: not a valid YAML value ({e})") from e
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (or the defaults), apply dotted overrides, validate."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {str(p)!r}: expected a mapping at the top level")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    return _build(Config, tree, "").validate()
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
