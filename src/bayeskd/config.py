@@ -19,8 +19,10 @@ from typing import Any, Literal
 
 import yaml
 
+from bayeskd.errors import BayeskdError
 
-class ConfigError(ValueError):
+
+class ConfigError(BayeskdError, ValueError):
     """A config value, key or file is invalid. The message names the field."""
 
 
@@ -45,6 +47,8 @@ class TeacherConfig:
     """openai: the environment variable that holds the API key. The key itself never appears in any config or file."""
     endpoint: Literal["chat", "completions"] = "chat"
     """openai: `/chat/completions` with messages, or `/completions` with the chat-formatted prompt as text."""
+    completion_template: str = "chatml"
+    """openai + completions: how chat messages become the prompt text: `chatml` or a Jinja chat template."""
     max_concurrency: int = 8
     """openai: requests in flight at once."""
     timeout_s: float = 120.0
@@ -69,7 +73,12 @@ class TeacherConfig:
 
     @property
     def key_name(self) -> str:
-        return self.name or f"{self.backend}:{self.model}"
+        """Who answered: keys the response store, so that no two teachers' answers mix."""
+        if self.name:
+            return self.name
+        if self.backend == "local":
+            return f"local:{self.model}"
+        return f"openai:{self.base_url or 'api.openai.com'}:{self.model}:{self.endpoint}"
 
 
 @dataclass
@@ -211,10 +220,12 @@ class ServeConfig:
     """How long the batcher waits to fill a batch."""
     max_queue: int = 256
     """Requests waiting beyond this are shed with 429 and Retry-After."""
+    max_body_bytes: int = 1_000_000
+    """Larger request bodies are refused with 413."""
 
     def validate(self, path: str) -> None:
         _check(1 <= self.port <= 65535, f"{path}.port", self.port, "must be a TCP port")
-        for name in ("max_tokens_limit", "max_n", "max_batch", "max_queue"):
+        for name in ("max_tokens_limit", "max_n", "max_batch", "max_queue", "max_body_bytes"):
             v = getattr(self, name)
             _check(v >= 1, f"{path}.{name}", v, "must be >= 1")
 

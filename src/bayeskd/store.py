@@ -1,0 +1,178 @@
+"""The append-only response store and the usage ledger.
+
+Every teacher answer costs money, so each is written once and replayed forever. Records are
+JSON lines in shards (`records-00000.jsonl`, ...), keyed by a content hash of what was asked
+(teacher, prompt, sampling parameters, sample index). Lines are written whole and fsynced in
+batches; on open, a torn last line (a kill mid-write) is cut off, and a key already present
+is never written again, so a rerun after a crash skips what is done and never duplicates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bayeskd.config import PriceConfig
+
+_SHARD = "records-{:05d}.jsonl"
+
+
+class ResponseStore:
+    """Keyed JSONL records on disk; an index of key -> (shard, offset) in memory."""
+
+    def __init__(self, folder: str | Path, flush_every: int = 16, shard_records: int = 50_000):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.flush_every = flush_every
+        self.shard_records = shard_records
+        self.index: dict[str, tuple[int, int]] = {}
+        self.repaired = 0
+        self._shard_count: dict[int, int] = {}
+        self._file = None
+        self._unsynced = 0
+        self._load()
+
+    # ------------------------------------------------------------------ reading
+
+    def _load(self) -> None:
+        for path in sorted(self.folder.glob("records-*.jsonl")):
+            shard = int(path.stem.split("-")[1])
+            self._repair(path)
+            count, offset = 0, 0
+            with open(path, "rb") as f:
+                for line in f:
+                    key = json.loads(line)["key"]
+                    self.index.setdefault(key, (shard, offset))
+                    offset += len(line)
+                    count += 1
+            self._shard_count[shard] = count
+
+    def _repair(self, path: Path) -> None:
+        """Cut a torn or unparsable last line (the only line a kill can damage)."""
+        with open(path, "rb+") as f:
+            data = f.read()
+            good = len(data)
+            if data and not data.endswith(b"\n"):
+                good = data.rfind(b"\n") + 1
+            else:
+                last_start = data.rfind(b"\n", 0, max(len(data) - 1, 0)) + 1
+                try:
+                    if data:
+                        json.loads(data[last_start:])
+                except ValueError:
+                    good = last_start
+            if good != len(data):
+                f.truncate(good)
+                self.repaired += 1
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def get(self, key: str) -> dict:
+        shard, offset = self.index[key]
+        with open(self.folder / _SHARD.format(shard), "rb") as f:
+            f.seek(offset)
+            return json.loads(f.readline())
+
+    def records(self) -> Iterator[dict]:
+        """All records, shard by shard, in the order written."""
+        for path in sorted(self.folder.glob("records-*.jsonl")):
+            with open(path, "rb") as f:
+                for line in f:
+                    yield json.loads(line)
+
+    # ------------------------------------------------------------------ writing
+
+    def append(self, record: dict) -> bool:
+        """Write a record unless its key is present; returns whether it was written."""
+        key = record["key"]
+        if key in self.index:
+            return False
+        shard = max(self._shard_count, default=0)
+        if self._shard_count.get(shard, 0) >= self.shard_records:
+            shard += 1
+            self._close_file()
+        if self._file is None:
+            self._file = open(self.folder / _SHARD.format(shard), "ab")
+        line = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+        offset = self._file.tell()
+        self._file.write(line)  # one write per line: a kill tears at most this one
+        self.index[key] = (shard, offset)
+        self._shard_count[shard] = self._shard_count.get(shard, 0) + 1
+        self._unsynced += 1
+        if self._unsynced >= self.flush_every:
+            self.sync()
+        return True
+
+    def sync(self) -> None:
+        if self._file is not None and self._unsynced:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        self._unsynced = 0
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self.sync()
+            self._file.close()
+            self._file = None
+
+    def close(self) -> None:
+        self._close_file()
+
+    def __enter__(self) -> ResponseStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass
+class Ledger:
+    """Teacher tokens spent, per teacher, and their cost under a price table.
+
+    A call's usage is counted once even when its n samples become n records (each record
+    carries its call's id and usage).
+    """
+
+    price: PriceConfig = field(default_factory=PriceConfig)
+    prompt_tokens: dict[str, int] = field(default_factory=dict)
+    completion_tokens: dict[str, int] = field(default_factory=dict)
+    calls: set[str] = field(default_factory=set)
+
+    def add(self, teacher: str, call: str, prompt_tokens: int, completion_tokens: int) -> None:
+        if call in self.calls:
+            return
+        self.calls.add(call)
+        self.prompt_tokens[teacher] = self.prompt_tokens.get(teacher, 0) + prompt_tokens
+        self.completion_tokens[teacher] = self.completion_tokens.get(teacher, 0) + completion_tokens
+
+    def add_record(self, record: dict) -> None:
+        u = record.get("usage") or {}
+        self.add(record["teacher"], record["call"], u.get("prompt_tokens", 0), u.get("completion_tokens", 0))
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.prompt_tokens.values()) + sum(self.completion_tokens.values())
+
+    def cost_of(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.price.prompt_per_1k + completion_tokens * self.price.completion_per_1k) / 1000
+
+    @property
+    def cost(self) -> float:
+        return self.cost_of(sum(self.prompt_tokens.values()), sum(self.completion_tokens.values()))
+
+    def to_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "calls": len(self.calls),
+            "tokens": self.tokens,
+            "cost": round(self.cost, 6),
+            "price": {"prompt_per_1k": self.price.prompt_per_1k, "completion_per_1k": self.price.completion_per_1k},
+        }

@@ -1,0 +1,18 @@
+"""Teachers reached as black boxes: `local` (a Hugging Face model here) or `openai` (any compatible endpoint)."""
+
+from __future__ import annotations
+
+from bayeskd.config import TeacherConfig
+from bayeskd.teachers.base import Teacher
+
+
+def build_teacher(cfg: TeacherConfig) -> Teacher:
+    if cfg.backend == "local":
+        from bayeskd.teachers.local import LocalTeacher
+
+        return LocalTeacher(cfg.model, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size, name=cfg.key_name)
+    from bayeskd.teachers.openai_compat import OpenAITeacher
+
+    teacher = OpenAITeacher(cfg)
+    teacher.check()
+    return teacher

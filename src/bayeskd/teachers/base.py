@@ -1,0 +1,136 @@
+"""The black-box teacher interface: requests in, text and (at most top-20) logprobs out.
+
+Everything the method learns about the teacher passes through these types. They hold no
+logits, no weights and no tokenizer, on purpose: a closed API offers nothing more, and the
+method's code must not be able to reach more than that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+
+
+class TeacherError(RuntimeError):
+    """A request failed. `retryable` tells whether trying again may succeed."""
+
+    def __init__(self, message: str, retryable: bool = False, status: int | None = None):
+        super().__init__(message)
+        self.retryable = retryable
+        self.status = status
+
+
+@dataclass(frozen=True)
+class TeacherRequest:
+    """One call: chat messages (or a raw prompt for the completions endpoint) and sampling parameters."""
+
+    messages: tuple[tuple[str, str], ...] | None = None
+    """(role, content) pairs; a tuple so that the request is hashable and immutable."""
+    prompt: str | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 128
+    n: int = 1
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    top_logprobs: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("a TeacherRequest needs exactly one of messages or prompt")
+        if not 0 <= self.top_logprobs <= 20:
+            raise ValueError(f"top_logprobs={self.top_logprobs}: must be in 0..20")
+        if self.n < 1 or self.max_tokens < 1:
+            raise ValueError(f"n={self.n}, max_tokens={self.max_tokens}: both must be >= 1")
+
+    @staticmethod
+    def chat(messages: list[dict], **params) -> TeacherRequest:
+        return TeacherRequest(messages=tuple((m["role"], m["content"]) for m in messages), **params)
+
+    def message_dicts(self) -> list[dict]:
+        return [{"role": r, "content": c} for r, c in self.messages or ()]
+
+    def sampling(self) -> dict:
+        """The sampling parameters, as they key the response store."""
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_tokens": self.max_tokens,
+            "seed": self.seed,
+            "stop": list(self.stop),
+            "top_logprobs": self.top_logprobs,
+        }
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token as the API shows it: its string, logprob, and top-k alternatives."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class Choice:
+    text: str
+    finish_reason: str
+    tokens: list[TokenLogprob] | None = None
+    """Per generated token, when logprobs were asked for and offered."""
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class TeacherResponse:
+    choices: list[Choice]
+    usage: Usage
+    model: str = ""
+    retries: int = 0
+    """Retries the client needed for this response (not part of the API's answer)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Teacher(ABC):
+    """A teacher reached as a black box.
+
+    `stream` pulls requests lazily from the iterable (so a caller can stop feeding it, e.g.
+    when a budget is reached) and yields `(index, response or TeacherError)` as results
+    complete, in any order; `index` is the request's position in the iterable.
+    """
+
+    name: str
+
+    @abstractmethod
+    def stream(self, requests: Iterable[TeacherRequest]) -> Iterator[tuple[int, TeacherResponse | TeacherError]]:
+        ...
+
+    def generate(self, request: TeacherRequest) -> TeacherResponse:
+        """One request, synchronously; raises TeacherError on failure."""
+        for _, result in self.stream([request]):
+            if isinstance(result, TeacherError):
+                raise result
+            return result
+        raise TeacherError("the teacher returned nothing")
+
+    def close(self) -> None:
+        """Release connections or memory."""
+
+
+def content_key(*parts: object) -> str:
+    """A stable hash of JSON-serialisable parts: what keys the response store."""
+    blob = json.dumps(parts, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]

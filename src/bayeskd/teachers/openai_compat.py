@@ -1,0 +1,229 @@
+"""Any OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp server, Ollama, `bayeskd serve`).
+
+Calls go through the official `openai` SDK. Concurrency is bounded by a thread pool that
+pulls requests lazily; retries are ours (the SDK's are turned off) so that each one is
+counted and `Retry-After` is honoured exactly. The API key is read from the environment
+variable the config names, at the moment the client is built, and is never stored.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import os
+import random
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any
+
+import jinja2
+import openai
+
+from bayeskd.config import TeacherConfig
+from bayeskd.errors import BayeskdError
+from bayeskd.models import CHATML_TEMPLATE
+from bayeskd.teachers.base import (
+    Choice,
+    Teacher,
+    TeacherError,
+    TeacherRequest,
+    TeacherResponse,
+    TokenLogprob,
+    Usage,
+)
+
+MAX_RETRY_AFTER_S = 120.0
+
+
+class TeacherUnavailable(BayeskdError):
+    """The endpoint cannot be reached or rejects the key: nothing can be collected."""
+
+
+class OpenAITeacher(Teacher):
+    def __init__(self, cfg: TeacherConfig):
+        self.cfg = cfg
+        self.name = cfg.key_name
+        key = os.environ.get(cfg.api_key_env)
+        if not key:
+            if cfg.base_url is None:
+                raise TeacherUnavailable(f"teacher.api_key_env: environment variable {cfg.api_key_env} is not set")
+            key = "EMPTY"  # local servers (vLLM, llama.cpp, Ollama) accept any key
+        self.client = openai.OpenAI(api_key=key, base_url=cfg.base_url, timeout=cfg.timeout_s, max_retries=0)
+
+    def check(self) -> None:
+        """Fail fast, before any paid call, on an unreachable endpoint or a rejected key (lists models)."""
+        where = self.cfg.base_url or "the OpenAI API"
+        try:
+            self.client.models.list()
+        except openai.AuthenticationError:
+            raise TeacherUnavailable(f"teacher at {where}: authentication failed (401): check ${self.cfg.api_key_env}") from None
+        except (openai.APIConnectionError, openai.APITimeoutError) as e:
+            raise TeacherUnavailable(f"teacher at {where} is unreachable: {e}") from None
+        except openai.APIStatusError:
+            pass  # some servers have no /models; the first real call will tell
+
+    # ------------------------------------------------------------------ interface
+
+    def stream(self, requests: Iterable[TeacherRequest]) -> Iterator[tuple[int, TeacherResponse | TeacherError]]:
+        it = iter(enumerate(requests))
+        with ThreadPoolExecutor(max_workers=self.cfg.max_concurrency, thread_name_prefix="teacher") as pool:
+            running: dict[Future, int] = {}
+            exhausted = False
+            while running or not exhausted:
+                while not exhausted and len(running) < self.cfg.max_concurrency:
+                    try:
+                        index, request = next(it)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    running[pool.submit(self._call_with_retries, request)] = index
+                if not running:
+                    break
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    yield running.pop(fut), fut.result()
+
+    # ------------------------------------------------------------------ one call
+
+    def _call_with_retries(self, request: TeacherRequest) -> TeacherResponse | TeacherError:
+        attempt = 0
+        while True:
+            try:
+                response = self._call(request)
+                response.retries = attempt
+                return response
+            except TeacherError as e:
+                if not e.retryable or attempt >= self.cfg.max_retries:
+                    e.args = (f"{e.args[0]} (after {attempt + 1} attempts)",)
+                    return e
+                delay = getattr(e, "retry_after", None)
+                if delay is None:
+                    delay = self.cfg.backoff_s * (2**attempt) * (0.5 + random.random())
+                time.sleep(min(delay, MAX_RETRY_AFTER_S))
+                attempt += 1
+
+    def _call(self, request: TeacherRequest) -> TeacherResponse:
+        common: dict[str, Any] = dict(
+            model=self.cfg.model,
+            n=request.n,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            max_tokens=request.max_tokens,
+        )
+        if request.seed is not None:
+            common["seed"] = request.seed
+        if request.stop:
+            common["stop"] = list(request.stop)
+        try:
+            if self.cfg.endpoint == "chat":
+                if request.messages is None:
+                    raise TeacherError("teacher.endpoint=chat needs chat messages, got a raw prompt")
+                if request.top_logprobs:
+                    common.update(logprobs=True, top_logprobs=request.top_logprobs)
+                raw = self.client.chat.completions.create(messages=request.message_dicts(), **common)
+                return parse_chat(raw.model_dump())
+            if request.top_logprobs:
+                common["logprobs"] = request.top_logprobs
+            prompt = request.prompt if request.prompt is not None else self.format_chat(request.message_dicts())
+            raw = self.client.completions.create(prompt=prompt, **common)
+            return parse_completion(raw.model_dump())
+        except openai.APIStatusError as e:
+            raise _status_error(e, self.cfg.api_key_env) from None
+        except openai.APITimeoutError:
+            raise TeacherError(f"timed out after {self.cfg.timeout_s}s", retryable=True) from None
+        except openai.APIConnectionError as e:
+            raise TeacherError(f"cannot reach {self.cfg.base_url or 'the OpenAI API'}: {e}", retryable=True) from None
+        except (ValueError, TypeError, KeyError) as e:  # malformed body the SDK could not parse
+            raise TeacherError(f"malformed response: {e}", retryable=True) from None
+
+    def format_chat(self, messages: list[dict]) -> str:
+        """Chat messages -> completions prompt, with `teacher.completion_template` (the endpoint has none)."""
+        template = CHATML_TEMPLATE if self.cfg.completion_template == "chatml" else self.cfg.completion_template
+        return jinja2.Template(template).render(messages=messages, add_generation_prompt=True)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _status_error(e: openai.APIStatusError, key_env: str) -> TeacherError:
+    status = e.status_code
+    if status == 401:
+        return TeacherError(f"authentication failed (401): check the key in ${key_env}", status=401)
+    retryable = status in (408, 409, 429) or status >= 500
+    err = TeacherError(f"HTTP {status}: {_short(e.message)}", retryable=retryable, status=status)
+    err.retry_after = retry_after_seconds(e.response.headers)  # type: ignore[attr-defined]
+    return err
+
+
+def _short(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def retry_after_seconds(headers: Any) -> float | None:
+    """Seconds to wait from `retry-after-ms` or `retry-after` (seconds or an HTTP date)."""
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value) if value else None
+        return None if parsed is None else max(0.0, parsed.timestamp() - time.time())
+
+
+# ---------------------------------------------------------------- response parsing (pure)
+
+
+def _usage(body: dict) -> Usage:
+    u = body.get("usage") or {}
+    return Usage(prompt_tokens=int(u.get("prompt_tokens") or 0), completion_tokens=int(u.get("completion_tokens") or 0))
+
+
+def parse_chat(body: dict) -> TeacherResponse:
+    """An OpenAI chat.completion body -> TeacherResponse (choices in `index` order)."""
+    choices = []
+    for c in sorted(body["choices"], key=lambda c: c.get("index", 0)):
+        text = (c.get("message") or {}).get("content")
+        if text is None:
+            raise TeacherError("malformed response: a choice has no message content", retryable=True)
+        tokens = None
+        content = (c.get("logprobs") or {}).get("content")
+        if content:
+            tokens = [
+                TokenLogprob(
+                    token=t["token"],
+                    logprob=float(t["logprob"]),
+                    top=[(a["token"], float(a["logprob"])) for a in t.get("top_logprobs") or []],
+                )
+                for t in content
+            ]
+        choices.append(Choice(text=text, finish_reason=c.get("finish_reason") or "stop", tokens=tokens))
+    return TeacherResponse(choices=choices, usage=_usage(body), model=body.get("model") or "")
+
+
+def parse_completion(body: dict) -> TeacherResponse:
+    """An OpenAI text_completion body (legacy logprobs format) -> TeacherResponse."""
+    choices = []
+    for c in sorted(body["choices"], key=lambda c: c.get("index", 0)):
+        if c.get("text") is None:
+            raise TeacherError("malformed response: a choice has no text", retryable=True)
+        tokens = None
+        lp = c.get("logprobs") or {}
+        if lp.get("tokens"):
+            tops = lp.get("top_logprobs") or [None] * len(lp["tokens"])
+            tokens = [
+                TokenLogprob(
+                    token=tok,
+                    logprob=float(tlp),
+                    top=sorted(((k, float(v)) for k, v in (top or {}).items()), key=lambda kv: -kv[1]),
+                )
+                for tok, tlp, top in zip(lp["tokens"], lp["token_logprobs"], tops)
+            ]
+        choices.append(Choice(text=c["text"], finish_reason=c.get("finish_reason") or "stop", tokens=tokens))
+    return TeacherResponse(choices=choices, usage=_usage(body), model=body.get("model") or "")

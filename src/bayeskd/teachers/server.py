@@ -1,0 +1,260 @@
+"""`bayeskd serve`: an OpenAI-compatible HTTP server in front of a local model.
+
+It lets anyone treat a local model as a closed API (the method then sees only what a real
+API shows), and it is what the integration tests talk to over real HTTP. Endpoints:
+`/v1/chat/completions`, `/v1/completions`, `/v1/models`. Concurrent requests are gathered
+into batches by one background task; when too many wait, new ones are shed with 429 and
+`Retry-After`, as real APIs do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import os
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from bayeskd.config import ServeConfig
+from bayeskd.teachers.base import Choice, TeacherError, TeacherRequest, TeacherResponse
+from bayeskd.teachers.local import LocalTeacher
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str
+
+
+class _Sampling(BaseModel):
+    model: str
+    n: int = Field(1, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+
+
+class ChatBody(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class CompletionBody(_Sampling):
+    prompt: str
+    logprobs: int | None = Field(None, ge=0, le=20)
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error", headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status, headers=headers)
+
+
+@dataclass
+class _Job:
+    request: TeacherRequest
+    future: asyncio.Future
+
+
+class Batcher:
+    """Gathers requests from many connections into batches for one model."""
+
+    def __init__(self, teacher: LocalTeacher, cfg: ServeConfig):
+        self.teacher, self.cfg = teacher, cfg
+        self.queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self.task:
+            self.task.cancel()
+
+    def full(self) -> bool:
+        return self.queue.qsize() >= self.cfg.max_queue
+
+    async def submit(self, request: TeacherRequest) -> TeacherResponse:
+        job = _Job(request, asyncio.get_running_loop().create_future())
+        await self.queue.put(job)
+        result = await job.future
+        if isinstance(result, TeacherError):
+            raise result
+        return result
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = [await self.queue.get()]
+            deadline = loop.time() + self.cfg.batch_wait_ms / 1000
+            while len(jobs) < self.cfg.max_batch and (left := deadline - loop.time()) > 0:
+                try:
+                    jobs.append(await asyncio.wait_for(self.queue.get(), left))
+                except asyncio.TimeoutError:
+                    break
+            try:
+                results = await asyncio.to_thread(self.teacher.generate_batch, [j.request for j in jobs])
+            except Exception as e:  # a crash in one batch must not take the server down
+                results = [TeacherError(f"generation failed: {e}")] * len(jobs)
+            for job, result in zip(jobs, results):
+                if not job.future.done():
+                    job.future.set_result(result)
+
+
+def create_app(teacher: LocalTeacher, cfg: ServeConfig, served_name: str | None = None) -> FastAPI:
+    """The ASGI app; `served_name` is the model name clients must ask for (default: the model ref)."""
+    model_name = served_name or teacher.model_ref
+    token = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
+    if cfg.api_key_env and not token:
+        raise ValueError(f"serve.api_key_env: environment variable {cfg.api_key_env} is not set")
+    batcher = Batcher(teacher, cfg)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher.start()
+        yield
+        await batcher.stop()
+
+    app = FastAPI(title="bayeskd teacher", lifespan=lifespan)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if token is not None:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                return _error(401, "invalid or missing bearer token", "authentication_error")
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > cfg.max_body_bytes:
+            return _error(413, f"request body over {cfg.max_body_bytes} bytes")
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return _error(400, f"{where}: {first.get('msg')}")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "bayeskd"}]}
+
+    async def run(body: _Sampling, request: TeacherRequest, render) -> JSONResponse:
+        if body.model != model_name:
+            return _error(404, f"model {body.model!r} not found; this server serves {model_name!r}", "not_found_error")
+        if body.n > cfg.max_n:
+            return _error(400, f"n={body.n} exceeds this server's limit of {cfg.max_n}")
+        if request.max_tokens > cfg.max_tokens_limit:
+            return _error(400, f"max_tokens={request.max_tokens} exceeds this server's limit of {cfg.max_tokens_limit}")
+        if batcher.full():
+            return _error(429, "server busy, retry later", "rate_limit_error", headers={"Retry-After": "1"})
+        try:
+            response = await batcher.submit(request)
+        except TeacherError as e:
+            return _error(400 if "context" in str(e) else 500, str(e))
+        return JSONResponse(render(response))
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatBody):
+        request = TeacherRequest.chat(
+            [m.model_dump() for m in body.messages],
+            top_logprobs=(body.top_logprobs or 0) if body.logprobs else 0,
+            **_sampling(body, body.max_completion_tokens),
+        )
+        return await run(body, request, lambda r: _chat_json(r, model_name))
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody):
+        request = TeacherRequest(prompt=body.prompt, top_logprobs=body.logprobs or 0, **_sampling(body))
+        return await run(body, request, lambda r: _completion_json(r, model_name))
+
+    return app
+
+
+def _sampling(body: _Sampling, max_tokens: int | None = None) -> dict:
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    return dict(
+        temperature=body.temperature,
+        top_p=body.top_p,
+        max_tokens=max_tokens or body.max_tokens or 16,
+        n=body.n,
+        seed=body.seed,
+        stop=tuple(stop),
+    )
+
+
+def _envelope(kind: str, model: str, response: TeacherResponse, choices: list[dict]) -> dict:
+    u = response.usage
+    return {
+        "id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total},
+    }
+
+
+def _chat_json(response: TeacherResponse, model: str) -> dict:
+    def logprobs(c: Choice) -> dict | None:
+        if c.tokens is None:
+            return None
+        return {
+            "content": [
+                {
+                    "token": t.token,
+                    "logprob": t.logprob,
+                    "bytes": list(t.token.encode()),
+                    "top_logprobs": [{"token": s, "logprob": lp, "bytes": list(s.encode())} for s, lp in t.top],
+                }
+                for t in c.tokens
+            ]
+        }
+
+    choices = [
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": c.text},
+            "finish_reason": c.finish_reason,
+            "logprobs": logprobs(c),
+        }
+        for i, c in enumerate(response.choices)
+    ]
+    return _envelope("chat.completion", model, response, choices)
+
+
+def _completion_json(response: TeacherResponse, model: str) -> dict:
+    def logprobs(c: Choice) -> dict | None:
+        if c.tokens is None:
+            return None
+        offsets, pos = [], 0
+        for t in c.tokens:
+            offsets.append(pos)
+            pos += len(t.token)
+        return {
+            "tokens": [t.token for t in c.tokens],
+            "token_logprobs": [t.logprob for t in c.tokens],
+            "top_logprobs": [dict(t.top) for t in c.tokens],
+            "text_offset": offsets,
+        }
+
+    choices = [
+        {"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": logprobs(c)}
+        for i, c in enumerate(response.choices)
+    ]
+    return _envelope("text_completion", model, response, choices)
+
+
+def serve(teacher: LocalTeacher, cfg: ServeConfig, served_name: str | None = None) -> None:
+    """Run the server in the foreground until interrupted."""
+    import uvicorn
+
+    app = create_app(teacher, cfg, served_name)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
