@@ -9,7 +9,7 @@ from bayeskd.errors import BayeskdError
 
 _EPILOG = """\
 overrides: dotted key=value pairs applied on top of the YAML, values parsed as YAML,
-e.g.  collect.max_tokens=64  teacher.base_url=http://127.0.0.1:8000/v1  collect.stop="['\\n']"
+e.g.  collect.max_tokens=64  teacher.base_url=http://127.0.0.1:8000/v1  'collect.stop=["\\n\\n"]'
 """
 
 

@@ -3,7 +3,7 @@
 This module is the only home of defaults and of the help text for every option.
 A YAML file holds only the values that differ from the defaults; on the command line,
 ``collect.max_tokens=64`` overrides one field (the value is parsed as YAML, so
-``collect.stop=['\\n\\n']`` and ``teacher.base_url=null`` work too).
+``'collect.stop=["\\n\\n"]'`` and ``teacher.base_url=null`` work too).
 
 Every error names the offending field by its dotted path and shows the bad value.
 """
@@ -209,6 +209,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     """Bind address. Loopback by default; bind elsewhere only on purpose."""
     port: int = 8000
+    """TCP port; 0 picks a free one."""
     api_key_env: str | None = None
     """If set, the environment variable holding the bearer token that clients must send."""
     max_tokens_limit: int = 1024
@@ -224,7 +225,7 @@ class ServeConfig:
     """Larger request bodies are refused with 413."""
 
     def validate(self, path: str) -> None:
-        _check(1 <= self.port <= 65535, f"{path}.port", self.port, "must be a TCP port")
+        _check(0 <= self.port <= 65535, f"{path}.port", self.port, "must be a TCP port (0: any free one)")
         for name in ("max_tokens_limit", "max_n", "max_batch", "max_queue", "max_body_bytes"):
             v = getattr(self, name)
             _check(v >= 1, f"{path}.{name}", v, "must be >= 1")

@@ -127,7 +127,9 @@ def run_collect(cfg: Config, run: Run, force: bool = False) -> dict | None:
     todo = [(i, [s for s in range(c.n) if keys[i][s] not in store]) for i in range(len(prompts))]
     todo = [(i, missing) for i, missing in todo if missing]
     # Tokens a request may spend at most, reserved against the budget while it is in flight.
-    estimate = [len(m) * c.max_tokens + sum(len(x["content"]) for x in prompts[i]["messages"]) // 3 for i, m in todo]
+    # The teacher's tokenizer is unknown, so a prompt is bounded by its UTF-8 bytes (no token
+    # is shorter than a byte) plus a chat-template allowance per message.
+    estimate = [len(m) * c.max_tokens + _prompt_token_bound(prompts[i]["messages"]) for i, m in todo]
     total = len(prompts) * c.n
     stats = {"requests": 0, "retries": 0, "failures": 0, "budget_reached": False, "store_repaired": store.repaired}
     failures: list[dict] = []
@@ -177,6 +179,10 @@ def run_collect(cfg: Config, run: Run, force: bool = False) -> dict | None:
     done = n_records == total
     run.finish("collect", "done" if done else "partial", summary, {"corpus": fingerprint_file(out / CORPUS)})
     return summary
+
+
+def _prompt_token_bound(messages: list[dict]) -> int:
+    return sum(len(m["content"].encode()) + 16 for m in messages)
 
 
 def _over_budget(c: CollectConfig, ledger: Ledger, extra_tokens: int) -> bool:

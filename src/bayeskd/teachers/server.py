@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import os
+import socket
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -257,4 +259,41 @@ def serve(teacher: LocalTeacher, cfg: ServeConfig, served_name: str | None = Non
     import uvicorn
 
     app = create_app(teacher, cfg, served_name)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
+    uvicorn.run(app, host=cfg.host, port=cfg.port or free_port(cfg.host), log_level="info")
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class BackgroundServer:
+    """The server in a thread of this process, for tests and benchmarks (`with BackgroundServer(...) as s`)."""
+
+    def __init__(self, teacher: LocalTeacher, cfg: ServeConfig, served_name: str | None = None):
+        import uvicorn
+
+        self.teacher = teacher
+        self.port = cfg.port or free_port(cfg.host)
+        self.host = cfg.host
+        app = create_app(teacher, cfg, served_name)
+        self.server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, name="bayeskd-serve", daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def __enter__(self) -> BackgroundServer:
+        self.thread.start()
+        deadline = time.time() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.time() > deadline:
+                raise RuntimeError(f"the teacher server did not start on {self.host}:{self.port}")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
