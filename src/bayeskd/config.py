@@ -161,12 +161,8 @@ class TrainConfig:
 
     model: str = "smollm2-135m-instruct"
     """Model to train: the embedded name, a folder, or a hub id (any AutoModelForCausalLM)."""
-    template: Literal["chat", "plain"] = "chat"
-    """`chat`: the tokenizer's chat template; `plain`: prompt, newline, response, EOS."""
-    max_length: int = 512
-    """Longest tokenized example; longer ones are truncated (the response end is cut)."""
-    packing: bool = False
-    """Pack several examples into one row of `max_length` instead of padding each."""
+    init_layers: int | None = None
+    """Keep only the first N transformer layers of `model` (a smaller model initialised from a larger one)."""
     batch_size: int = 8
     """Examples per device per micro-step."""
     grad_accum: int = 1
@@ -191,7 +187,7 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def validate(self, path: str) -> None:
-        for name in ("max_length", "batch_size", "grad_accum", "max_steps", "log_every", "keep_checkpoints"):
+        for name in ("batch_size", "grad_accum", "max_steps", "log_every", "keep_checkpoints"):
             v = getattr(self, name)
             _check(v >= 1, f"{path}.{name}", v, "must be >= 1")
         for name in ("warmup_steps", "eval_every", "save_every"):
@@ -200,6 +196,128 @@ class TrainConfig:
         _check(self.lr > 0, f"{path}.lr", self.lr, "must be > 0")
         _check(self.max_grad_norm >= 0, f"{path}.max_grad_norm", self.max_grad_norm, "must be >= 0")
         self.lora.validate(f"{path}.lora")
+        _check(self.init_layers is None or self.init_layers >= 1, f"{path}.init_layers", self.init_layers, "must be >= 1 or null")
+
+
+FAULT_KINDS = ("rate_limit", "server_error", "unavailable", "drop", "slow", "malformed", "empty", "truncated")
+
+
+@dataclass
+class FaultConfig:
+    """Fault injection in `bayeskd serve`, for reliability tests (off by default).
+
+    Each kind's rate is the share of generation requests that get it; request number k gets
+    the same fault in every run with the same seed. Faults come before the server's own
+    checks, as from a flaky gateway in front of an API.
+    """
+
+    rate_limit: float = 0.0
+    """429 with `Retry-After: retry_after_s`; nothing is generated."""
+    server_error: float = 0.0
+    """500; nothing is generated."""
+    unavailable: float = 0.0
+    """503; nothing is generated."""
+    drop: float = 0.0
+    """The connection is closed after the status line, before any body: the client sees a connection error."""
+    slow: float = 0.0
+    """The answer is held back `slow_s` seconds (past the client's timeout, when that is shorter)."""
+    malformed: float = 0.0
+    """A 200 that is no completion: its JSON cut in half, an HTML page, or JSON of the wrong shape."""
+    empty: float = 0.0
+    """A 200 without text: content null, no choices, or empty text with zero completion tokens."""
+    truncated: float = 0.0
+    """A valid answer cut short: text and logprobs halved, finish_reason `length`."""
+    retry_after_s: float = 1.0
+    """Retry-After sent with `rate_limit` faults."""
+    slow_s: float = 30.0
+    """Delay of `slow` faults."""
+    seed: int = 0
+    """Seeds the choice of fault per request number."""
+    log: str | None = None
+    """A JSONL file that gets one line per generation request: its number, endpoint, fault, status, and whether the model ran."""
+
+    @property
+    def active(self) -> bool:
+        """Whether to install the injector: some rate is positive, or requests are logged."""
+        return self.log is not None or any(getattr(self, k) > 0 for k in FAULT_KINDS)
+
+    def validate(self, path: str) -> None:
+        for name in FAULT_KINDS:
+            v = getattr(self, name)
+            _check(0 <= v <= 1, f"{path}.{name}", v, "must be in [0, 1]")
+        total = sum(getattr(self, k) for k in FAULT_KINDS)
+        _check(total <= 1, path, {k: getattr(self, k) for k in FAULT_KINDS if getattr(self, k)}, "rates must sum to <= 1")
+        _check(self.retry_after_s >= 0, f"{path}.retry_after_s", self.retry_after_s, "must be >= 0")
+        _check(self.slow_s > 0, f"{path}.slow_s", self.slow_s, "must be > 0")
+
+
+@dataclass
+class DataConfig:
+    """How corpus records become token sequences: shared by every stage, so that targets line up."""
+
+    template: Literal["chat", "plain"] = "chat"
+    """`chat`: the student tokenizer's chat template; `plain`: prompt, newline, response, EOS."""
+    max_length: int = 512
+    """Longest tokenized example; longer ones are truncated (the response end is cut)."""
+    packing: bool = False
+    """Pack several examples into one row of `max_length` instead of padding each (training only)."""
+    heldout_fraction: float = 0.1
+    """Share of prompts (by a hash of the prompt id) held out from training, for evaluation."""
+
+    def validate(self, path: str) -> None:
+        _check(self.max_length >= 8, f"{path}.max_length", self.max_length, "must be >= 8")
+        _check(0 <= self.heldout_fraction < 1, f"{path}.heldout_fraction", self.heldout_fraction, "must be in [0, 1)")
+
+
+@dataclass
+class PriorConfig:
+    """Stage `prior`: hierarchical Dirichlet n-gram counts over the responses (method.md, section 1)."""
+
+    order: int = 3
+    """n: contexts of n-1 tokens."""
+    mu: float = 2.0
+    """Dirichlet strength of each back-off level; kappa = N(h) + mu."""
+    top_k: int = 32
+    """Prior candidates per position handed to the posterior."""
+    leave_one_out: bool = True
+    """At the corpus's own positions, remove the position's own occurrence from the counts."""
+    smoothing: Literal["dirichlet", "kneser_ney"] = "dirichlet"
+    shard_tokens: int = 4_000_000
+    """Tokens counted per shard (bounds memory; shards are merged exactly)."""
+    num_workers: int = 1
+    """Processes counting shards in parallel."""
+
+    def validate(self, path: str) -> None:
+        _check(1 <= self.order <= 8, f"{path}.order", self.order, "must be in 1..8")
+        _check(self.mu > 0, f"{path}.mu", self.mu, "must be > 0")
+        _check(self.top_k >= 1, f"{path}.top_k", self.top_k, "must be >= 1")
+        _check(self.shard_tokens >= 1000, f"{path}.shard_tokens", self.shard_tokens, "must be >= 1000")
+        _check(self.num_workers >= 1, f"{path}.num_workers", self.num_workers, "must be >= 1")
+
+
+@dataclass
+class ProxyConfig:
+    """Stage `proxy`: align an open model to the teacher by fine-tuning it on the corpus."""
+
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(init_layers=10, max_steps=60, lr=3e-4))
+
+    def validate(self, path: str) -> None:
+        self.train.validate(f"{path}.train")
+
+
+@dataclass
+class DistillConfig:
+    """Stage `distill`: train the student. `sft` is cross-entropy on the teacher's tokens only."""
+
+    modes: list[Literal["sft"]] = field(default_factory=lambda: ["sft"])
+    """Students to train, one per mode, each in its own sub-folder."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(init_layers=4, max_steps=60, lr=5e-4))
+    """The student: `train.model` (with `train.init_layers`) is its initialisation; its tokenizer defines every token-level quantity."""
+
+    def validate(self, path: str) -> None:
+        _check(len(self.modes) >= 1, f"{path}.modes", self.modes, "must name at least one mode")
+        _check(len(set(self.modes)) == len(self.modes), f"{path}.modes", self.modes, "must not repeat a mode")
+        self.train.validate(f"{path}.train")
 
 
 @dataclass
@@ -223,12 +341,15 @@ class ServeConfig:
     """Requests waiting beyond this are shed with 429 and Retry-After."""
     max_body_bytes: int = 1_000_000
     """Larger request bodies are refused with 413."""
+    faults: FaultConfig = field(default_factory=FaultConfig)
+    """Fault injection for reliability tests; off unless a rate is set."""
 
     def validate(self, path: str) -> None:
         _check(0 <= self.port <= 65535, f"{path}.port", self.port, "must be a TCP port (0: any free one)")
         for name in ("max_tokens_limit", "max_n", "max_batch", "max_queue", "max_body_bytes"):
             v = getattr(self, name)
             _check(v >= 1, f"{path}.{name}", v, "must be >= 1")
+        self.faults.validate(f"{path}.faults")
 
 
 @dataclass
@@ -239,8 +360,17 @@ class Config:
     """Folder of the run: one sub-folder per stage, each with a manifest."""
     seed: int = 0
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     collect: CollectConfig = field(default_factory=CollectConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+
+    @property
+    def student_model(self) -> str:
+        """The student's model reference: its tokenizer is the one every token-level quantity uses."""
+        return self.distill.train.model
 
     def validate(self) -> Config:
         for f in dataclasses.fields(self):
@@ -321,8 +451,25 @@ def _build(cls: type, data: Any, path: str) -> Any:
         raise ConfigError(
             f"unknown key {where}{unknown[0]!s}; {cls.__name__} has: {', '.join(sorted(names))}"
         )
-    kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        if isinstance(value, dict) and f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+            if dataclasses.is_dataclass(default):
+                # A partial section overrides the field's own defaults, not the bare class's.
+                value = _deep_merge(dataclasses.asdict(default), value)
+        kwargs[f.name] = _coerce(value, hints[f.name], f"{path}.{f.name}" if path else f.name)
     return cls(**kwargs)
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

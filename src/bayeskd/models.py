@@ -110,15 +110,52 @@ def load_tokenizer(ref: str):
     return tok
 
 
-def load_causal_lm(ref: str, dtype: str = "float32", device: str = "cpu"):
-    """Load any AutoModelForCausalLM; a model that is not a causal LM is a clear error."""
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of what makes two tokenizers interchangeable: vocabulary, special tokens, chat template."""
+    import hashlib
+    import json
+
+    blob = json.dumps(
+        {
+            "vocab": sorted(tokenizer.get_vocab().items()),
+            "special": tokenizer.all_special_tokens,
+            "eos": tokenizer.eos_token,
+            "template": tokenizer.chat_template,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_causal_lm(ref: str, dtype: str = "float32", device: str = "cpu", init_layers: int | None = None):
+    """Load any AutoModelForCausalLM; a model that is not a causal LM is a clear error.
+
+    `init_layers` keeps only the first N transformer layers: a smaller model initialised from
+    a larger one (how the quickstart makes its proxy and student from the open stand-in).
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     path = resolve(ref)
     config = AutoConfig.from_pretrained(path)
+    if init_layers is not None:
+        layers = getattr(config, "num_hidden_layers", None)
+        if layers is None or init_layers > layers:
+            raise ModelError(f"init_layers={init_layers}: model {ref!r} has {layers} layers")
+        config.num_hidden_layers = init_layers
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[:init_layers]
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        if init_layers is None:
+            model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=getattr(torch, dtype))
+        else:  # the dropped layers' weights are expected leftovers, not a problem to report
+            verbosity = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()
+            try:
+                model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=getattr(torch, dtype))
+            finally:
+                hf_logging.set_verbosity(verbosity)
     except ValueError as e:
         raise ModelError(f"model {ref!r} ({config.model_type}) is not a causal language model: {e}") from e
     return model.to(device).eval()

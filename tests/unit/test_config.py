@@ -87,3 +87,12 @@ def test_cli_prints_resolved_config(capsys):
     assert main(["config", "collect.n=3"]) == 0
     out = capsys.readouterr().out
     assert "n: 3" in out
+
+
+def test_a_partial_section_keeps_the_fields_own_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("proxy:\n  train:\n    max_steps: 7\n")
+    cfg = load_config(path)
+    assert cfg.proxy.train.max_steps == 7
+    assert cfg.proxy.train.init_layers == 10  # ProxyConfig's default, not TrainConfig's
+    assert load_config(None, ["distill.train.lr=0.1"]).distill.train.init_layers == 4

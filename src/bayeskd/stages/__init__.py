@@ -20,6 +20,13 @@ def _collect(cfg: Config, run: Run, force: bool) -> dict | None:
     return run_collect(cfg, run, force)
 
 
+def _prior(cfg: Config, run: Run, force: bool) -> dict | None:
+    from bayeskd.stages.prior import run_prior
+
+    return run_prior(cfg, run, force)
+
+
 STAGES: dict[str, StageFn] = {
     "collect": _collect,
+    "prior": _prior,
 }

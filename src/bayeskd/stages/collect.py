@@ -131,7 +131,7 @@ def run_collect(cfg: Config, run: Run, force: bool = False) -> dict | None:
     # is shorter than a byte) plus a chat-template allowance per message.
     estimate = [len(m) * c.max_tokens + _prompt_token_bound(prompts[i]["messages"]) for i, m in todo]
     total = len(prompts) * c.n
-    stats = {"requests": 0, "retries": 0, "failures": 0, "budget_reached": False, "store_repaired": store.repaired}
+    stats = {"requests": 0, "retries": 0, "failures": 0, "cut_short": 0, "budget_reached": False, "store_repaired": store.repaired}
     failures: list[dict] = []
 
     teacher = build_teacher(cfg.teacher) if todo else None
@@ -156,6 +156,7 @@ def run_collect(cfg: Config, run: Run, force: bool = False) -> dict | None:
                 failures.append({"prompt_id": prompts[i]["id"], "keys": [keys[i][s] for s in missing], "reason": str(result)})
                 continue
             stats["retries"] += result.retries
+            stats["cut_short"] += sum(c.finish_reason == "length" for c in result.choices)  # kept: what an API returns
             _save(store, ledger, teacher_name, prompts[i], missing, keys[i], result)
             bar.update(len(missing))
             bar.set_postfix(tokens=ledger.tokens, cost=f"{ledger.cost:.4f}", refresh=False)
