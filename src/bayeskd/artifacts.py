@@ -13,6 +13,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -97,10 +98,15 @@ class Run:
         tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
         os.replace(tmp, self.root / "config.yaml")
 
-    def begin(self, stage: str, config: dict, inputs: dict[str, str], force: bool = False) -> Path | None:
+    def begin(
+        self, stage: str, config: dict, inputs: dict[str, str], force: bool = False, keep_outputs: bool = False
+    ) -> Path | None:
         """Start a stage: None if it is already done with these config and inputs (skip it).
 
         Raises StaleStageError if it is done but was built from something else, unless `force`.
+        An unfinished stage with the same fingerprint keeps its folder (a crashed run resumes
+        from its checkpoints); otherwise the folder is emptied first, unless `keep_outputs`
+        (collect keeps its content-keyed store: nothing paid for is ever thrown away).
         """
         fp = fingerprint({"config": config, "inputs": inputs})
         old = self.manifest(stage)
@@ -112,6 +118,9 @@ class Run:
                 f"stage {stage!r} in {self.root / stage} is done but was built from another "
                 f"{changed}; rerun with --force to rebuild it"
             )
+        resumable = old is not None and old.get("status") != "done" and old.get("fingerprint") == fp
+        if old is not None and not resumable and not keep_outputs:
+            shutil.rmtree(self.root / stage)
         d = self.stage_dir(stage)
         manifest = {
             "stage": stage,

@@ -78,15 +78,19 @@ def _report(name: str, run, summary: dict | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(stderr=False)
+    console = Console()
     if summary is None:
         console.print(f"[bold]{name}[/]: already done in {run.root / name} (skipped; --force rebuilds)")
         return
-    status = (run.manifest(name) or {}).get("status", "?")
-    table = Table(title=f"{name}: {status} ({run.root / name})", show_header=False)
-    for k, v in summary.items():
-        table.add_row(str(k), str(v))
-    console.print(table)
+    # A stage with sub-stages (distill: one student per mode) reports one table each.
+    parts = summary.items() if all(isinstance(v, dict) for v in summary.values()) else [(None, summary)]
+    for sub, values in parts:
+        stage = name if sub is None else f"{name}/{sub}"
+        status = (run.manifest(stage) or {}).get("status", "?")
+        table = Table(title=f"{stage}: {status} ({run.root / stage})", show_header=False)
+        for k, v in values.items():
+            table.add_row(str(k), f"{v:.4g}" if isinstance(v, float) else str(v))
+        console.print(table)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,21 @@ def _prior(cfg: Config, run: Run, force: bool) -> dict | None:
     return run_prior(cfg, run, force)
 
 
+def _proxy(cfg: Config, run: Run, force: bool) -> dict | None:
+    from bayeskd.stages.proxy import run_proxy
+
+    return run_proxy(cfg, run, force)
+
+
+def _distill(cfg: Config, run: Run, force: bool) -> dict | None:
+    from bayeskd.stages.distill import run_distill
+
+    return run_distill(cfg, run, force)
+
+
 STAGES: dict[str, StageFn] = {
     "collect": _collect,
     "prior": _prior,
+    "proxy": _proxy,
+    "distill": _distill,
 }

@@ -115,7 +115,7 @@ def run_collect(cfg: Config, run: Run, force: bool = False) -> dict | None:
     c = cfg.collect
     prompts = load_prompts(c, cfg.seed)
     inputs = {} if c.prompts == "builtin" else {"prompts": fingerprint_file(Path(c.prompts))}
-    out = run.begin("collect", stage_config(cfg), inputs, force)
+    out = run.begin("collect", stage_config(cfg), inputs, force, keep_outputs=True)
     if out is None:
         return None
     teacher_name = cfg.teacher.key_name

@@ -1,0 +1,74 @@
+"""The whole pipeline through the CLI, on tiny models built from config and a real in-process teacher."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from bayeskd.cli import main
+from bayeskd.models import build_tiny
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer_model(tmp_path_factory):
+    return build_tiny(tmp_path_factory.mktemp("other"), ["a completely different corpus of words"] * 20, vocab_size=280)
+
+
+def tiny_args(run_dir: Path, model: Path) -> list[str]:
+    train = "max_steps=4,batch_size=4,save_every=2,warmup_steps=1,lr=0.01,init_layers=null"
+    args = [
+        f"run_dir={run_dir}",
+        f"teacher.model={model}",
+        "collect.limit=24",
+        "collect.max_tokens=8",
+        "collect.top_logprobs=3",
+        "data.heldout_fraction=0.2",
+        "prior.order=3",
+    ]
+    for section in ("proxy", "distill"):
+        args.append(f"{section}.train.model={model}")
+        args += [f"{section}.train.{kv}" for kv in train.split(",")]
+    return args
+
+
+def manifest(run_dir: Path, stage: str) -> dict:
+    return json.loads((run_dir / stage / "manifest.json").read_text())
+
+
+def test_run_all_stages_then_skip_then_stale(tiny_teacher_dir, tmp_path, capsys):
+    args = tiny_args(tmp_path, tiny_teacher_dir)
+    assert main(["run", *args]) == 0
+    for stage in ("collect", "prior", "proxy", "distill/sft"):
+        assert manifest(tmp_path, stage)["status"] == "done", stage
+    prior = manifest(tmp_path, "prior")["summary"]
+    assert prior["tokens"] > 0 and len(prior["unique_contexts"]) == 3
+    log = [json.loads(x) for x in (tmp_path / "proxy" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log][-1] == 4 and all(r["loss"] > 0 for r in log)
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "distill" / "sft" / "final")
+    assert student.config.num_hidden_layers == 2
+    capsys.readouterr()
+    # A rerun skips every finished stage.
+    assert main(["run", *args]) == 0
+    out = capsys.readouterr().out
+    assert out.count("already done") >= 3
+    # Changing a stage's config makes it refuse stale outputs unless --force.
+    assert main(["proxy", *args, "proxy.train.lr=0.02"]) == 2
+    assert "another config" in capsys.readouterr().err
+    assert main(["proxy", *args, "proxy.train.lr=0.02", "--force"]) == 0
+
+
+def test_proxy_with_another_tokenizer_is_refused(tiny_teacher_dir, other_tokenizer_model, tmp_path, capsys):
+    args = tiny_args(tmp_path, tiny_teacher_dir)
+    assert main(["collect", *args]) == 0
+    assert main(["proxy", *args, f"proxy.train.model={other_tokenizer_model}"]) == 2
+    err = capsys.readouterr().err
+    assert str(other_tokenizer_model) in err and str(tiny_teacher_dir) in err and "tokenizer" in err
+    assert not (tmp_path / "proxy" / "manifest.json").exists()
+
+
+def test_stage_before_its_input_is_a_clear_error(tiny_teacher_dir, tmp_path, capsys):
+    assert main(["prior", *tiny_args(tmp_path, tiny_teacher_dir)]) == 2
+    assert "run `bayeskd collect` first" in capsys.readouterr().err
