@@ -121,19 +121,19 @@ class OpenAITeacher(Teacher):
                 if request.top_logprobs:
                     common.update(logprobs=True, top_logprobs=request.top_logprobs)
                 raw = self.client.chat.completions.create(messages=request.message_dicts(), **common)
-                return parse_chat(raw.model_dump())
+                return _checked(parse_chat, _body(raw), request)
             if request.top_logprobs:
                 common["logprobs"] = request.top_logprobs
             prompt = request.prompt if request.prompt is not None else self.format_chat(request.message_dicts())
             raw = self.client.completions.create(prompt=prompt, **common)
-            return parse_completion(raw.model_dump())
+            return _checked(parse_completion, _body(raw), request)
         except openai.APIStatusError as e:
             raise _status_error(e, self.cfg.api_key_env) from None
         except openai.APITimeoutError:
             raise TeacherError(f"timed out after {self.cfg.timeout_s}s", retryable=True) from None
         except openai.APIConnectionError as e:
             raise TeacherError(f"cannot reach {self.cfg.base_url or 'the OpenAI API'}: {e}", retryable=True) from None
-        except (ValueError, TypeError, KeyError) as e:  # malformed body the SDK could not parse
+        except (ValueError, TypeError, KeyError, AttributeError) as e:  # a body of the wrong shape
             raise TeacherError(f"malformed response: {e}", retryable=True) from None
 
     def format_chat(self, messages: list[dict]) -> str:
@@ -143,6 +143,24 @@ class OpenAITeacher(Teacher):
 
     def close(self) -> None:
         self.client.close()
+
+
+def _body(raw: Any) -> dict:
+    """The SDK's answer as a dict. The SDK hands back the text itself when the body is not JSON."""
+    if not hasattr(raw, "model_dump"):
+        raise TeacherError(f"malformed response: not a completion: {_short(repr(raw), 80)}", retryable=True)
+    return raw.model_dump(warnings=False)
+
+
+def _checked(parse: Any, body: dict, request: TeacherRequest) -> TeacherResponse:
+    """Parse a 200 body, refusing (retryably) one that lacks choices or text: it would silently lose samples."""
+    response = parse(body)
+    if len(response.choices) != request.n:
+        raise TeacherError(f"malformed response: asked for {request.n} choices, got {len(response.choices)}", retryable=True)
+    nothing = body.get("usage") is not None and response.usage.completion_tokens == 0
+    if nothing and all(c.text == "" for c in response.choices):
+        raise TeacherError("empty response: no text and no completion tokens", retryable=True)
+    return response
 
 
 def _status_error(e: openai.APIStatusError, key_env: str) -> TeacherError:

@@ -138,6 +138,12 @@ def create_app(teacher: LocalTeacher, cfg: ServeConfig, served_name: str | None 
             return _error(413, f"request body over {cfg.max_body_bytes} bytes")
         return await call_next(request)
 
+    if cfg.faults.active:  # added last, so outermost: faults come before the checks above
+        from bayeskd.teachers.faults import FaultInjector, FaultMiddleware
+
+        app.state.faults = FaultInjector(cfg.faults)
+        app.add_middleware(FaultMiddleware, injector=app.state.faults)
+
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError):
         first = exc.errors()[0]
@@ -277,8 +283,8 @@ class BackgroundServer:
         self.teacher = teacher
         self.port = cfg.port or free_port(cfg.host)
         self.host = cfg.host
-        app = create_app(teacher, cfg, served_name)
-        self.server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=self.port, log_level="warning"))
+        self.app = create_app(teacher, cfg, served_name)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host=cfg.host, port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, name="bayeskd-serve", daemon=True)
 
     @property
