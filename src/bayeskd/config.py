@@ -306,17 +306,71 @@ class ProxyConfig:
 
 
 @dataclass
-class DistillConfig:
-    """Stage `distill`: train the student. `sft` is cross-entropy on the teacher's tokens only."""
+class PosteriorConfig:
+    """Stage `posterior`: update the prior with the proxy's evidence, per response token (method.md, section 2)."""
 
-    modes: list[Literal["sft"]] = field(default_factory=lambda: ["sft"])
-    """Students to train, one per mode, each in its own sub-folder."""
+    mode: Literal["expected", "sampled", "product"] = "expected"
+    """`expected`: (kappa p_prior + M p_P) / (kappa + M); `sampled`: M draws from the proxy as counts; `product`: p_prior^a p_P^b."""
+    m: float = 8.0
+    """M, the proxy's strength in pseudo-observations (an integer number of draws for `sampled`)."""
+    proxy_temperature: float = 1.0
+    """tau_P: the proxy's distribution is softmax(z / tau_P)."""
+    top_k: int = 32
+    """K: entries stored per token (candidates are the union of the prior's and the proxy's top-K)."""
+    a: float = 1.0
+    """`product`: exponent of the prior."""
+    b: float = 1.0
+    """`product`: exponent of the proxy."""
+    use_logprobs: bool = True
+    """Let the teacher's top-k logprobs, where collect stored them, fix those tokens' probabilities."""
+    batch_size: int = 8
+    """Examples per proxy forward pass."""
+    seed: int = 0
+    """Seed of `sampled`'s draws."""
+
+    def validate(self, path: str) -> None:
+        _check(self.m >= 0, f"{path}.m", self.m, "must be >= 0")
+        _check(self.mode != "sampled" or float(self.m).is_integer(), f"{path}.m", self.m, "must be a whole number of draws for mode sampled")
+        _check(self.proxy_temperature > 0, f"{path}.proxy_temperature", self.proxy_temperature, "must be > 0")
+        _check(self.top_k >= 1, f"{path}.top_k", self.top_k, "must be >= 1")
+        _check(self.batch_size >= 1, f"{path}.batch_size", self.batch_size, "must be >= 1")
+
+
+DISTILL_MODES = ("sft", "bayes", "prior-only", "posterior-only", "proxy-kd", "oracle-kd")
+
+
+@dataclass
+class DistillConfig:
+    """Stage `distill`: train one student per mode (method.md, sections 3-4).
+
+    L = lambda_ce * CE(y) + alpha * KL(p_prior || p_S) + beta * KL(p_target || p_S), per response token.
+    `sft`: CE only. `bayes`: prior and posterior. `prior-only` / `posterior-only`: one of them.
+    `proxy-kd`: the proxy's own distribution as target, with Proxy-KD's per-sample weights.
+    `oracle-kd`: the true teacher distribution (only for a local open teacher): an upper bound.
+    """
+
+    modes: list[Literal["sft", "bayes", "prior-only", "posterior-only", "proxy-kd", "oracle-kd"]] = field(
+        default_factory=lambda: ["sft"]
+    )
+    """Students to train, one per mode, each in `distill/<mode>/`."""
+    lambda_ce: float = 1.0
+    """Weight of cross-entropy on the teacher's tokens (all modes)."""
+    alpha: float = 0.5
+    """Weight of KL to the prior (`bayes`, `prior-only`)."""
+    beta: float = 1.0
+    """Weight of KL to the posterior (`bayes`, `posterior-only`) or to the proxy / oracle targets."""
+    tau: float = 1.0
+    """Student temperature in the KL terms (scaled by tau^2)."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(init_layers=4, max_steps=60, lr=5e-4))
     """The student: `train.model` (with `train.init_layers`) is its initialisation; its tokenizer defines every token-level quantity."""
 
     def validate(self, path: str) -> None:
         _check(len(self.modes) >= 1, f"{path}.modes", self.modes, "must name at least one mode")
         _check(len(set(self.modes)) == len(self.modes), f"{path}.modes", self.modes, "must not repeat a mode")
+        for name in ("lambda_ce", "alpha", "beta"):
+            v = getattr(self, name)
+            _check(v >= 0, f"{path}.{name}", v, "must be >= 0")
+        _check(self.tau > 0, f"{path}.tau", self.tau, "must be > 0")
         self.train.validate(f"{path}.train")
 
 
@@ -364,6 +418,7 @@ class Config:
     collect: CollectConfig = field(default_factory=CollectConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    posterior: PosteriorConfig = field(default_factory=PosteriorConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
 

@@ -72,3 +72,31 @@ def test_proxy_with_another_tokenizer_is_refused(tiny_teacher_dir, other_tokeniz
 def test_stage_before_its_input_is_a_clear_error(tiny_teacher_dir, tmp_path, capsys):
     assert main(["prior", *tiny_args(tmp_path, tiny_teacher_dir)]) == 2
     assert "run `bayeskd collect` first" in capsys.readouterr().err
+
+
+def test_posterior_and_every_distill_mode_through_the_cli(tiny_teacher_dir, tmp_path):
+    modes = "[sft, bayes, prior-only, posterior-only, proxy-kd, oracle-kd]"
+    args = [*tiny_args(tmp_path, tiny_teacher_dir), f"distill.modes={modes}", "posterior.top_k=8", "prior.top_k=8"]
+    assert main(["run", *args]) == 0
+    summary = manifest(tmp_path, "posterior")["summary"]
+    assert summary["positions"] > 0 and summary["bytes_per_entry"] <= 7
+    ev = summary["evidence"]
+    assert ev["positions"] == summary["positions"] and 0 < ev["share_with_evidence"] <= 1
+    for mode in ("sft", "bayes", "prior-only", "posterior-only", "proxy-kd", "oracle-kd"):
+        m = manifest(tmp_path, f"distill/{mode}")
+        assert m["status"] == "done", mode
+        assert (tmp_path / "distill" / mode / "final" / "model.safetensors").is_file()
+    assert "upper bound" in manifest(tmp_path, "distill/oracle-kd")["summary"]["note"]
+    last = json.loads((tmp_path / "distill" / "bayes" / "train_log.jsonl").read_text().splitlines()[-1])
+    assert {"ce", "prior", "posterior"} <= set(last) and last["prior"] > 0 and last["posterior"] > 0
+    last = json.loads((tmp_path / "distill" / "sft" / "train_log.jsonl").read_text().splitlines()[-1])
+    assert "prior" not in last and "posterior" not in last
+
+
+def test_distill_refuses_targets_from_another_corpus(tiny_teacher_dir, tmp_path, capsys):
+    args = [*tiny_args(tmp_path, tiny_teacher_dir), "distill.modes=[bayes]"]
+    assert main(["run", *args]) == 0
+    # Recollect a different corpus in the same run folder: the stored targets no longer match it.
+    assert main(["collect", *args, "collect.limit=20", "--force"]) == 0
+    assert main(["distill", *args, "--force"]) == 2
+    assert "another corpus" in capsys.readouterr().err

@@ -32,6 +32,12 @@ def _proxy(cfg: Config, run: Run, force: bool) -> dict | None:
     return run_proxy(cfg, run, force)
 
 
+def _posterior(cfg: Config, run: Run, force: bool) -> dict | None:
+    from bayeskd.stages.posterior import run_posterior
+
+    return run_posterior(cfg, run, force)
+
+
 def _distill(cfg: Config, run: Run, force: bool) -> dict | None:
     from bayeskd.stages.distill import run_distill
 
@@ -42,5 +48,6 @@ STAGES: dict[str, StageFn] = {
     "collect": _collect,
     "prior": _prior,
     "proxy": _proxy,
+    "posterior": _posterior,
     "distill": _distill,
 }

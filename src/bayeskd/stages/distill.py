@@ -1,19 +1,72 @@
 """Stage `distill`: train one student per mode (method.md, sections 3-4), each in `distill/<mode>/`.
 
-Mode `sft` is cross-entropy on the teacher's tokens only: what practitioners do today and
-the baseline every other result is compared to. Each student is its own sub-stage with its
-own manifest, so adding a mode trains only that student.
+    L = lambda_ce * CE(y) + alpha * KL(p_prior || p_S) + beta * KL(p_target || p_S)
+
+| mode           | alpha | beta | p_target                      | weights            |
+|----------------|-------|------|-------------------------------|--------------------|
+| sft            | 0     | 0    | -                             | -                  |
+| bayes          | alpha | beta | posterior                     | -                  |
+| prior-only     | alpha | 0    | -                             | -                  |
+| posterior-only | 0     | beta | posterior                     | -                  |
+| proxy-kd       | 0     | beta | proxy                         | Proxy-KD's sigmoid |
+| oracle-kd      | 0     | beta | the true teacher (upper bound)| -                  |
+
+Each student is its own sub-stage with its own manifest, so adding a mode trains only that
+student. The Bayesian modes read `posterior/targets/` and refuse targets made with another
+tokenizer or from another corpus.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict
 
+import numpy as np
+
 from bayeskd.artifacts import Run
 from bayeskd.config import Config
+from bayeskd.errors import BayeskdError
 from bayeskd.losses import make_loss_fn
 from bayeskd.stages.corpus import load_corpus
 from bayeskd.stages.fit import fit
+from bayeskd.targets import TargetStore
+
+UPPER_BOUND = "oracle-kd is an upper bound: it trains on the true teacher distribution, which a closed API never shows"
+
+
+def proxy_kd_weights(loglik: np.ndarray) -> list[float]:
+    """Proxy-KD's per-sample weights: sigmoid((log p_P(y|x) - mean) / std), over the records that have one."""
+    ok = np.isfinite(loglik)
+    mean, std = loglik[ok].mean(), loglik[ok].std() + 1e-8
+    w = 1.0 / (1.0 + np.exp(-(loglik - mean) / std))
+    return np.where(ok, w, 0.0).tolist()
+
+
+def _plan(cfg: Config, run: Run, mode: str, corpus) -> tuple[dict, dict, list[float] | None, dict]:
+    """(loss weights, target tables by loss slot, per-record weights, extra inputs) of a mode."""
+    d = cfg.distill
+    if mode == "sft":
+        return {"lambda_ce": d.lambda_ce}, {}, None, {}
+    if mode == "oracle-kd":
+        from bayeskd.stages.oracle import oracle_targets
+
+        store = oracle_targets(cfg, run, corpus)
+        source = {"posterior": store.table("oracle")}
+        return {"lambda_ce": d.lambda_ce, "beta": d.beta}, source, None, {"oracle": store.meta["teacher"]}
+    store = TargetStore.open(run.output("posterior", "targets"))
+    store.check(corpus.tokenizer_fp, corpus.corpus_fp)
+    extra = {"targets": (run.manifest("posterior") or {}).get("fingerprint", "")}
+    if mode == "bayes":
+        return {"lambda_ce": d.lambda_ce, "alpha": d.alpha, "beta": d.beta}, {
+            "prior": store.table("prior"), "posterior": store.table("posterior")}, None, extra
+    if mode == "prior-only":
+        return {"lambda_ce": d.lambda_ce, "alpha": d.alpha}, {"prior": store.table("prior")}, None, extra
+    if mode == "posterior-only":
+        return {"lambda_ce": d.lambda_ce, "beta": d.beta}, {"posterior": store.table("posterior")}, None, extra
+    if mode == "proxy-kd":
+        loglik = np.load(run.output("posterior", "proxy_loglik.npy"))
+        weights = proxy_kd_weights(loglik)
+        return {"lambda_ce": d.lambda_ce, "beta": d.beta}, {"posterior": store.table("proxy")}, weights, extra
+    raise BayeskdError(f"distill.modes: unknown mode {mode!r}")
 
 
 def run_distill(cfg: Config, run: Run, force: bool = False) -> dict | None:
@@ -21,11 +74,17 @@ def run_distill(cfg: Config, run: Run, force: bool = False) -> dict | None:
     summaries = {}
     for mode in cfg.distill.modes:
         stage = f"distill/{mode}"
-        stage_cfg = {"mode": mode, "train": asdict(cfg.distill.train), "data": asdict(cfg.data)}
-        out = run.begin(stage, stage_cfg, {"corpus": corpus.corpus_fp, "tokenizer": corpus.tokenizer_fp}, force)
+        loss, tables, weights, extra = _plan(cfg, run, mode, corpus)
+        stage_cfg = {"mode": mode, "loss": loss, "tau": cfg.distill.tau, "train": asdict(cfg.distill.train),
+                     "data": asdict(cfg.data)}
+        inputs = {"corpus": corpus.corpus_fp, "tokenizer": corpus.tokenizer_fp, **extra}
+        out = run.begin(stage, stage_cfg, inputs, force)
         if out is None:
             continue
-        summary = fit(cfg, cfg.distill.train, corpus, make_loss_fn(lambda_ce=1.0), out)
+        loss_fn = make_loss_fn(tau=cfg.distill.tau, **loss)
+        summary = fit(cfg, cfg.distill.train, corpus, loss_fn, out, targets=tables, weights=weights)
+        if mode == "oracle-kd":
+            summary = {"note": UPPER_BOUND, **summary}
         run.finish(stage, "done", summary, {"model": summary["model"]})
         summaries[mode] = summary
     return summaries or None

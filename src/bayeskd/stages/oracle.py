@@ -1,0 +1,73 @@
+"""The oracle: the true teacher distribution, for the `oracle-kd` upper bound and for measuring fidelity.
+
+Only possible when the "closed" teacher is a local open model standing in for one
+(`teacher.backend: local`) that shares the student's tokenizer. The method's own stages never
+import this module; only `distill` (mode `oracle-kd`, flagged as an upper bound in every
+output) and `eval` do. The teacher's distribution is the one it sampled from in `collect`:
+softmax(z / collect.temperature).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from bayeskd import distributions as D
+from bayeskd.artifacts import Run
+from bayeskd.config import Config
+from bayeskd.data import Collator
+from bayeskd.errors import BayeskdError
+from bayeskd.models import load_causal_lm, load_tokenizer, tokenizer_fingerprint
+from bayeskd.stages.corpus import TokenizedCorpus
+from bayeskd.targets import TargetStore, TargetWriter
+
+
+def load_oracle(cfg: Config, student_fp: str):
+    """The teacher as an open model, or a clear error saying why there is none."""
+    if cfg.teacher.backend != "local":
+        raise BayeskdError(
+            "an oracle needs the teacher's weights: teacher.backend must be `local` (an open model "
+            "standing in for a closed one); a closed API has no oracle"
+        )
+    fp = tokenizer_fingerprint(load_tokenizer(cfg.teacher.model))
+    if fp != student_fp:
+        raise BayeskdError(f"the oracle teacher {cfg.teacher.model!r} has another tokenizer than the student")
+    return load_causal_lm(cfg.teacher.model, dtype=cfg.teacher.dtype, device=cfg.teacher.device)
+
+
+def temperature(cfg: Config) -> float:
+    return max(cfg.collect.temperature, 1e-6)
+
+
+def response_logits(model, corpus: TokenizedCorpus, indices: list[int], batch_size: int, desc: str):
+    """Yield (dataset row, logits [n_response, V]) for the given dataset rows, predicting each response token."""
+    collate = Collator(corpus.tokenizer.pad_token_id)
+    for lo in tqdm(range(0, len(indices), batch_size), desc=desc, unit="batch", dynamic_ncols=True):
+        rows = [corpus.dataset[i] for i in indices[lo : lo + batch_size]]
+        batch = collate(rows)
+        with torch.inference_mode():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        for b, row in enumerate(rows):
+            pos = torch.nonzero(batch["labels"][b] != -100).squeeze(-1)
+            yield row, logits[b, pos - 1].float()
+
+
+def oracle_targets(cfg: Config, run: Run, corpus: TokenizedCorpus) -> TargetStore:
+    """Top-K of the true teacher distribution at every response token (cached in `oracle/`)."""
+    k = cfg.posterior.top_k
+    stage_cfg = {"teacher": cfg.teacher.model, "temperature": temperature(cfg), "k": k}
+    out = run.begin("oracle", stage_cfg, {"corpus": corpus.corpus_fp, "tokenizer": corpus.tokenizer_fp})
+    if out is None:
+        return TargetStore.open(run.root / "oracle" / "targets")
+    model = load_oracle(cfg, corpus.tokenizer_fp)
+    writer = TargetWriter(out / "targets", ("oracle",), k)
+    for row, z in response_logits(model, corpus, list(range(len(corpus.dataset))), 8, "oracle"):
+        lp, ids = torch.log_softmax(z / temperature(cfg), -1).topk(k, -1)
+        p = lp.exp().double().numpy()
+        dist = D.SparseDist(ids.numpy().astype(np.int32), p, np.clip(1 - p.sum(1), 0, 1))
+        writer.add(row["index"], {"oracle": dist}, D.entropy(dist))
+    writer.close({"tokenizer": corpus.tokenizer_fp, "corpus": corpus.corpus_fp, "teacher": cfg.teacher.model,
+                  "note": "the true teacher distribution: an upper bound, never available to the method"})
+    run.finish("oracle", "done", {"examples": len(corpus.dataset)})
+    return TargetStore.open(out / "targets")
