@@ -1,0 +1,167 @@
+"""The posterior at the level of the stage: real n-gram prior, real proxy logits, real tokenizer."""
+
+import numpy as np
+import pytest
+import torch
+
+from bayeskd import ngram
+from bayeskd.config import PosteriorConfig
+from bayeskd.distributions import SparseDist
+from bayeskd.errors import BayeskdError
+from bayeskd.evidence import EvidenceMapper
+from bayeskd.models import build_tiny
+from bayeskd.stages.posterior import estimate
+from bayeskd.targets import TargetStore, TargetWriter
+
+V = 12
+
+
+@pytest.fixture(scope="module")
+def prior():
+    rng = np.random.default_rng(0)
+    docs = [(rng.integers(0, V, 3), rng.integers(0, V, 30)) for _ in range(20)]
+    return ngram.NGramPrior(ngram.count(docs, 3, V), mu=2.0), docs
+
+
+def dense(d: SparseDist) -> np.ndarray:
+    out = np.zeros((len(d), V))
+    for i in range(len(d)):
+        for j, p in zip(d.ids[i], d.probs[i]):
+            if j >= 0:
+                out[i, j] += p
+    return out
+
+
+def setup(prior, n=6, seed=1):
+    model, docs = prior
+    ctx, tgt = ngram.corpus_contexts(docs[:2], 3, V)
+    logits = torch.randn(len(ctx), V, generator=torch.Generator().manual_seed(seed)) * 2
+    return model, ctx[:n], tgt[:n], logits[:n]
+
+
+def test_expected_equals_the_closed_form_with_k_equal_v(prior):
+    model, ctx, tgt, z = setup(prior)
+    cfg = PosteriorConfig(mode="expected", m=3.0, top_k=V)
+    dists, ent = estimate(model, ctx, tgt, z, cfg, k_prior=V)
+    p_prior = model.dense(ctx, targets=tgt)
+    kappa = model.query(ctx, V, targets=tgt).kappa[:, None]
+    p_proxy = torch.softmax(z.double(), -1).numpy()
+    want = (kappa * p_prior + 3.0 * p_proxy) / (kappa + 3.0)
+    assert np.allclose(dense(dists["posterior"]), want, atol=1e-6)
+    assert np.allclose(dists["posterior"].tail, 0, atol=1e-6)
+    assert np.all(ent > 0)
+
+
+def test_m_zero_is_the_prior_and_small_kappa_is_the_proxy(prior):
+    model, ctx, tgt, z = setup(prior)
+    post = estimate(model, ctx, None, z, PosteriorConfig(m=0.0, top_k=V), k_prior=V)[0]["posterior"]
+    assert np.allclose(dense(post), model.dense(ctx), atol=1e-6)
+    post = estimate(model, ctx, None, z, PosteriorConfig(m=1e9, top_k=V), k_prior=V)[0]["posterior"]
+    assert np.allclose(dense(post), torch.softmax(z.double(), -1).numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["expected", "sampled", "product"])
+def test_each_mode_is_a_distribution_with_its_tail(prior, mode):
+    model, ctx, tgt, z = setup(prior)
+    dists, _ = estimate(model, ctx, tgt, z, PosteriorConfig(mode=mode, m=16.0, top_k=4), k_prior=4,
+                        generator=torch.Generator().manual_seed(0))
+    for d in dists.values():
+        assert np.allclose(d.probs.sum(1) + d.tail, 1.0, atol=1e-6)
+        assert np.all(d.tail >= 0) and np.all(np.diff(d.probs, axis=1) <= 1e-12)
+
+
+def test_sampled_converges_to_expected(prior):
+    model, ctx, tgt, z = setup(prior)
+    exp = dense(estimate(model, ctx, tgt, z, PosteriorConfig(mode="expected", m=4000.0, top_k=V), V)[0]["posterior"])
+    errs = []
+    for m in (20, 4000):
+        cfg = PosteriorConfig(mode="sampled", m=float(m), top_k=V)
+        d = estimate(model, ctx, tgt, z, cfg, V, generator=torch.Generator().manual_seed(3))[0]["posterior"]
+        e = dense(estimate(model, ctx, tgt, z, PosteriorConfig(mode="expected", m=float(m), top_k=V), V)[0]["posterior"])
+        errs.append(np.abs(dense(d) - e).max())
+    assert errs[1] < errs[0] and errs[1] < 0.03
+    assert exp.shape == (len(ctx), V)
+
+
+def test_evidence_keeps_the_api_probabilities_on_mapped_tokens(prior):
+    model, ctx, tgt, z = setup(prior, n=2)
+    ev_ids = np.array([[3, 7, -1], [-1, -1, -1]])
+    ev_p = np.array([[0.5, 0.2, 0.0], [0.0, 0.0, 0.0]])
+    post = estimate(model, ctx, tgt, z, PosteriorConfig(m=2.0, top_k=V), V, evidence=(ev_ids, ev_p))[0]["posterior"]
+    d = dense(post)
+    assert d[0, 3] == pytest.approx(0.5) and d[0, 7] == pytest.approx(0.2)
+    assert d[0].sum() + post.tail[0] == pytest.approx(1.0)
+    plain = dense(estimate(model, ctx, tgt, z, PosteriorConfig(m=2.0, top_k=V), V)[0]["posterior"])
+    assert np.allclose(d[1], plain[1])
+    others = [w for w in range(V) if w not in (3, 7)]
+    assert np.allclose(d[0, others] / d[0, others].sum(), plain[0, others] / plain[0, others].sum())
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    folder = build_tiny(tmp_path_factory.mktemp("tok"), ["the cat sat on the mat", "hello world"] * 30, vocab_size=300)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def test_evidence_mapping_aligns_by_characters(tok):
+    mapper = EvidenceMapper(tok)
+    text = "the cat"
+    tokens = [
+        {"token": "the", "logprob": -0.1, "top": [["the", -0.1], ["a", -2.5]]},
+        {"token": " cat", "logprob": -0.3, "top": [[" cat", -0.3], [" mat", -1.9], [" cat sat", -3.0]]},
+    ]
+    enc = tok(text, return_offsets_mapping=True, add_special_tokens=False)
+    spans = list(enc["offset_mapping"])
+    ids, probs = mapper.evidence(text, tokens, spans)
+    first = spans.index((0, 3)) if (0, 3) in spans else None
+    assert first is not None, spans
+    the_id = tok.encode("the", add_special_tokens=False)[0]
+    assert ids[first, 0] == the_id and probs[first, 0] == pytest.approx(np.exp(-0.1))
+    cat_pos = [j for j, (a, _) in enumerate(spans) if a == 3]
+    assert cat_pos, spans
+    row = dict(zip(ids[cat_pos[0]], probs[cat_pos[0]]))
+    cat_id = tok.encode(" cat", add_special_tokens=False)[0]
+    # " cat" and " cat sat" share their first student token: their probabilities add up.
+    assert row[cat_id] == pytest.approx(np.exp(-0.3) + np.exp(-3.0))
+    s = mapper.summary()
+    assert s["positions_with_evidence"] == 2 and s["alternatives_first_token_credited"] >= 1
+
+
+def test_misaligned_teacher_tokens_give_no_evidence_after_the_break(tok):
+    mapper = EvidenceMapper(tok)
+    text = "hello world"
+    tokens = [{"token": "hello", "logprob": -0.1, "top": []}, {"token": "\ufffd", "logprob": -1.0, "top": []}]
+    spans = list(tok(text, return_offsets_mapping=True, add_special_tokens=False)["offset_mapping"])
+    ids, _ = mapper.evidence(text, tokens, spans)
+    assert (ids[:, 0] >= 0).sum() == 1 and mapper.summary()["records_misaligned"] == 1
+
+
+def test_target_store_round_trips_and_rejects_mismatches(tmp_path):
+    rng = np.random.default_rng(0)
+    writer = TargetWriter(tmp_path / "t", ("prior", "posterior"), k=4, shard_rows=5)
+    written = {}
+    for rec in (3, 0, 7):
+        n = int(rng.integers(1, 4))
+        ids = rng.integers(0, 50, (n, 4)).astype(np.int32)
+        p = rng.dirichlet(np.ones(5), n)[:, :4]
+        d = SparseDist(ids, p, 1 - p.sum(1))
+        writer.add(rec, {"prior": d, "posterior": d}, np.ones(n))
+        written[rec] = d
+    writer.close({"tokenizer": "tokA", "corpus": "c1"})
+    store = TargetStore.open(tmp_path / "t")
+    assert len(list((tmp_path / "t").glob("shard-*"))) >= 2
+    for rec, d in written.items():
+        got = store.table("posterior").example(rec, len(d))
+        assert np.array_equal(got.ids.numpy(), d.ids)
+        assert np.allclose(got.probs.numpy(), d.probs, atol=1e-3)
+        assert np.allclose(got.probs.numpy().sum(1) + got.tail.numpy(), 1.0, atol=1e-6)
+    assert store.bytes_per_entry("posterior") <= 7
+    store.check("tokA", "c1")
+    with pytest.raises(BayeskdError, match="another tokenizer"):
+        store.check("tokB", "c1")
+    with pytest.raises(BayeskdError, match="another corpus"):
+        store.check("tokA", "c2")
+    with pytest.raises(BayeskdError, match="no 'proxy' targets"):
+        store.table("proxy")
