@@ -159,9 +159,10 @@ class TargetStore:
         return np.asarray(self.arrays(shard)[key][start : start + rows])
 
     def bytes_per_entry(self, name: str) -> float:
+        """Data bytes (ids, probabilities, tail) per stored entry of a set; .npy headers not counted."""
         total = entries = 0
         for shard_dir in self.folder.glob("shard-*"):
             for key in ("ids", "probs", "tail"):
-                total += (shard_dir / f"{name}_{key}.npy").stat().st_size
+                total += np.load(shard_dir / f"{name}_{key}.npy", mmap_mode="r").nbytes
             entries += np.load(shard_dir / f"{name}_ids.npy", mmap_mode="r").size
         return total / max(entries, 1)
