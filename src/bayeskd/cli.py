@@ -82,6 +82,12 @@ def _report(name: str, run, summary: dict | None) -> None:
     if summary is None:
         console.print(f"[bold]{name}[/]: already done in {run.root / name} (skipped; --force rebuilds)")
         return
+    if "table" in summary:  # eval: the comparison table, then where the report is
+        from rich.markdown import Markdown
+
+        console.print(Markdown(summary["table"]))
+        console.print(f"report: {summary['report']}")
+        return
     # A stage with sub-stages (distill: one student per mode) reports one table each.
     parts = summary.items() if all(isinstance(v, dict) for v in summary.values()) else [(None, summary)]
     for sub, values in parts:

@@ -87,6 +87,19 @@ def test_posterior_and_every_distill_mode_through_the_cli(tiny_teacher_dir, tmp_
         assert m["status"] == "done", mode
         assert (tmp_path / "distill" / mode / "final" / "model.safetensors").is_file()
     assert "upper bound" in manifest(tmp_path, "distill/oracle-kd")["summary"]["note"]
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    students = metrics["students"]
+    assert set(students) == {"sft", "bayes", "prior-only", "posterior-only", "proxy-kd", "oracle-kd"}
+    for s in students.values():
+        assert s["bpb"] > 0 and s["kl_teacher"] >= 0 and 0 <= s["rouge_l"] <= 1 and s["tokens"] > 0
+    assert "upper bound" in students["oracle-kd"]["note"]
+    for setting in ("train", "heldout"):
+        est = metrics["estimates"][setting]
+        for name in ("one-hot", "prior", "proxy", "posterior", "one-hot+proxy"):
+            assert est[name]["kl"] >= 0 and 0 <= est[name]["top1"] <= 1 and est[name]["tokens"] > 0
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "| sft |" in report and (tmp_path / "eval" / "students.png").is_file()
+    assert (tmp_path / "eval" / "fidelity.png").is_file() and (tmp_path / "eval" / "training.png").is_file()
     last = json.loads((tmp_path / "distill" / "bayes" / "train_log.jsonl").read_text().splitlines()[-1])
     assert {"ce", "prior", "posterior"} <= set(last) and last["prior"] > 0 and last["posterior"] > 0
     last = json.loads((tmp_path / "distill" / "sft" / "train_log.jsonl").read_text().splitlines()[-1])

@@ -44,10 +44,17 @@ def _distill(cfg: Config, run: Run, force: bool) -> dict | None:
     return run_distill(cfg, run, force)
 
 
+def _eval(cfg: Config, run: Run, force: bool) -> dict | None:
+    from bayeskd.stages.evaluate import run_eval
+
+    return run_eval(cfg, run, force)
+
+
 STAGES: dict[str, StageFn] = {
     "collect": _collect,
     "prior": _prior,
     "proxy": _proxy,
     "posterior": _posterior,
     "distill": _distill,
+    "eval": _eval,
 }
