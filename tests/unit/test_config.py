@@ -38,6 +38,7 @@ def test_overrides_are_parsed_as_yaml():
     assert cfg.teacher.base_url is None
     assert cfg.collect.price.prompt_per_1k == 0.5
     assert parse_override("a.b=") == ("a.b", "")
+    assert load_config(None, ["proxy.train.lr=1e-3"]).proxy.train.lr == 0.001  # YAML 1.1 reads it as a string
 
 
 @pytest.mark.parametrize(
