@@ -1,0 +1,115 @@
+"""Shared training fixtures: a tiny causal LM built from config and a small corpus of records."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def make_records(n: int = 24) -> list[dict]:
+    """Corpus records as `collect` writes them: two samples per prompt, one unfinished response in five."""
+    records = []
+    for i in range(n):
+        a = i // 2
+        records.append(
+            {
+                "key": f"k{i}",
+                "prompt_id": f"p{a}",
+                "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"What is {a} plus {a}?"}],
+                "sample_index": i % 2,
+                "text": f"{a} plus {a} is {2 * a}." + (" It is even." if i % 2 else ""),
+                "finish_reason": "length" if i % 5 == 4 else "stop",
+                "answer": str(2 * a),
+                "tokens": None,
+                "usage": {},
+                "teacher": "test",
+            }
+        )
+    return records
+
+
+@pytest.fixture
+def one_thread():
+    """Run torch on one thread: tiny models are dominated by thread hand-offs, more so on a busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def corpus_records() -> list[dict]:
+    return make_records()
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory, corpus_records):
+    """Folder of a tiny Llama (hidden 16, 2 layers) whose BPE tokenizer was trained on the corpus."""
+    from bayeskd.models import build_tiny
+
+    texts = [r["text"] for r in corpus_records] + [m["content"] for r in corpus_records for m in r["messages"]]
+    return build_tiny(tmp_path_factory.mktemp("tiny-lm"), texts, vocab_size=300, seed=0)
+
+
+TRAIN_SCRIPT = '''"""A tiny training run for tests: python train_script.py SPEC_JSON (also imported with runpy)."""
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def run(spec):
+    from accelerate import PartialState
+
+    from bayeskd.config import TrainConfig
+    from bayeskd.data import Collator, build_dataset
+    from bayeskd.losses import make_loss_fn
+    from bayeskd.models import load_causal_lm, load_tokenizer
+    from bayeskd.training import train
+
+    tok = load_tokenizer(spec["model"])
+    data = build_dataset(json.loads(Path(spec["records"]).read_text()), tok, "chat", 128)
+    cfg = TrainConfig(model=spec["model"], **spec["cfg"])
+    inner, calls = make_loss_fn(), [0]
+
+    def loss_fn(logits, batch):
+        calls[0] += 1
+        if spec.get("stall_after_step") and calls[0] > spec["stall_after_step"] * cfg.grad_accum:
+            Path(spec["out"], "stalled").touch()  # the parent SIGKILLs us now
+            time.sleep(600)
+        return inner(logits, batch)
+
+    result = train(load_causal_lm(spec["model"]), data, loss_fn, cfg, spec["out"],
+                   collate_fn=Collator(tok.pad_token_id), tokenizer=tok, progress=False)
+    if PartialState().is_main_process:
+        Path(spec["out"], "world_size").write_text(str(PartialState().num_processes))
+    return result
+
+
+if __name__ == "__main__":
+    run(json.loads(Path(sys.argv[1]).read_text()))
+'''
+
+
+@pytest.fixture
+def train_script(tmp_path, tiny_lm, corpus_records):
+    """(path of a runnable training script, a function writing its JSON spec for a given out dir and config)."""
+    import json
+
+    script = tmp_path / "train_script.py"
+    script.write_text(TRAIN_SCRIPT)
+    records = tmp_path / "records.json"
+    records.write_text(json.dumps(corpus_records))
+
+    def spec(out, **extra) -> tuple[dict, str]:
+        s = {"model": str(tiny_lm), "records": str(records), "out": str(out), **extra}
+        path = tmp_path / f"spec-{abs(hash(str(out)))}.json"
+        path.write_text(json.dumps(s))
+        return s, str(path)
+
+    return script, spec
