@@ -52,16 +52,16 @@ def _fidelity(metrics: dict, out: Path) -> str | None:
     if not settings:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    names = ["one-hot", "prior", "proxy", "posterior", "one-hot+proxy"]
+    names = ["one-hot", "prior", "proxy", "posterior-no-logprobs", "posterior", "one-hot+proxy"]
     width = 0.8 / len(settings)
     for i, setting in enumerate(settings):
         xs = [j + i * width for j in range(len(names))]
         axes[0].bar(xs, [est[setting][n]["kl"] for n in names], width, label=setting)
-    axes[0].set_xticks([j + width * (len(settings) - 1) / 2 for j in range(len(names))], names, rotation=20)
+    axes[0].set_xticks([j + width * (len(settings) - 1) / 2 for j in range(len(names))], names, rotation=25, fontsize=8)
     axes[0].set(title="KL(teacher || estimate), nats/token (lower is better)")
     axes[0].legend()
     bp = est[settings[-1]]["by_position"]
-    for n in ("prior", "proxy", "posterior"):
+    for n in ("prior", "proxy", "posterior-no-logprobs", "posterior"):
         axes[1].plot(bp["buckets"], bp[n], marker="o", label=n)
     axes[1].set(title=f"KL by response position ({settings[-1]})", xlabel="token position", ylabel="nats/token")
     axes[1].legend()
@@ -91,7 +91,7 @@ def write_report(run: Run, metrics: dict, out: Path) -> Path:
         lines += ["## Estimates against the teacher", "", "| setting | estimate | KL | top-1 | teacher-token NLL |",
                   "|---|---|---|---|---|"]
         for setting, rows in est.items():
-            for name in ("one-hot", "prior", "proxy", "posterior", "one-hot+proxy"):
+            for name in ("one-hot", "prior", "proxy", "posterior-no-logprobs", "posterior", "one-hot+proxy"):
                 r = rows[name]
                 label = f"{name} (lambda={r['lambda']})" if "lambda" in r else name
                 lines.append(f"| {setting} | {label} | {r['kl']:.3f} | {r['top1']:.3f} | {r['nll']:.3f} |")

@@ -95,7 +95,7 @@ def test_posterior_and_every_distill_mode_through_the_cli(tiny_teacher_dir, tmp_
     assert "upper bound" in students["oracle-kd"]["note"]
     for setting in ("train", "heldout"):
         est = metrics["estimates"][setting]
-        for name in ("one-hot", "prior", "proxy", "posterior", "one-hot+proxy"):
+        for name in ("one-hot", "prior", "proxy", "posterior-no-logprobs", "posterior", "one-hot+proxy"):
             assert est[name]["kl"] >= 0 and 0 <= est[name]["top1"] <= 1 and est[name]["tokens"] > 0
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "| sft |" in report and (tmp_path / "eval" / "students.png").is_file()

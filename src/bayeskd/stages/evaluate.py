@@ -8,7 +8,8 @@ Students (every `distill/<mode>` that is done), on the held-out split's first
 - `kl_teacher`: KL(p_T || p_S) per response token, when the teacher can serve as an oracle.
 
 Estimates (oracle only): per-token KL(p_T || p_hat), top-1 agreement and teacher-token NLL for
-smoothed one-hot, prior, proxy, posterior, and the control lambda * one-hot + (1 - lambda) *
+smoothed one-hot, prior, proxy, the posterior without and with the teacher's logprob evidence,
+and the control lambda * one-hot + (1 - lambda) *
 proxy (best lambda), in two settings: `train` (training positions; the prior's counts include
 the scored sequence, as when the student trains) and `heldout` (their counts are excluded).
 All distributions are dense over the vocabulary here, so the numbers are exact.
@@ -38,7 +39,9 @@ from bayeskd.models import load_causal_lm
 from bayeskd.stages.corpus import TokenizedCorpus, load_corpus
 from bayeskd.stages.posterior import load_prior, response_spans
 
-ESTIMATES = ("one-hot", "prior", "proxy", "posterior", "one-hot+proxy")
+# posterior-no-logprobs: prior and proxy alone, before the teacher's top-k logprobs fix their
+# tokens; it isolates what the Bayesian update itself adds.
+ESTIMATES = ("one-hot", "prior", "proxy", "posterior-no-logprobs", "posterior", "one-hot+proxy")
 
 
 def _batches(corpus: TokenizedCorpus, indices: list[int], size: int, desc: str):
@@ -156,13 +159,16 @@ def score_estimates(cfg: Config, run: Run, corpus: TokenizedCorpus, teacher, hel
             loo = y if (not heldout and cfg.prior.leave_one_out) else None
             p_prior = prior.dense(ctx, targets=loo)
             kappa = prior.query(ctx, 1, targets=loo).kappa
-            post = _dense_posterior(p_prior, p_proxy, kappa, cfg, gen)
+            bare = _dense_posterior(p_prior, p_proxy, kappa, cfg, gen)
+            post = bare
             record = corpus.records[row["index"]]
             if mapper is not None and record.get("tokens"):
                 ev = mapper.evidence(record["text"], record["tokens"], response_spans(record, corpus.tokenizer, cfg.data.template, len(y)))
-                post = D.apply_evidence(post, np.tile(np.arange(vocab), (len(y), 1)), *ev)
+                post = D.apply_evidence(bare, np.tile(np.arange(vocab), (len(y), 1)), *ev)
             one_hot = M.smoothed_one_hot(y, vocab, cfg.eval.one_hot_eps)
-            for name, est in (("one-hot", one_hot), ("prior", p_prior), ("proxy", p_proxy), ("posterior", post)):
+            estimates = (("one-hot", one_hot), ("prior", p_prior), ("proxy", p_proxy),
+                         ("posterior-no-logprobs", bare), ("posterior", post))
+            for name, est in estimates:
                 for k, v in M.fidelity(p_t, est, y).items():
                     acc[f"{name}/{k}"].append(v)
             acc["position"].append(np.arange(len(y)))
@@ -174,7 +180,7 @@ def score_estimates(cfg: Config, run: Run, corpus: TokenizedCorpus, teacher, hel
     if positions == 0:
         return {}
     out = {name: {k: float(np.concatenate(acc[f"{name}/{k}"]).mean()) for k in ("kl", "top1", "nll")}
-           for name in ("one-hot", "prior", "proxy", "posterior")}
+           for name in ESTIMATES if name != "one-hot+proxy"}
     best = min(lambdas, key=lambda lam: np.concatenate([c["kl"] for c in control[lam]]).mean())
     out["one-hot+proxy"] = {k: float(np.concatenate([c[k] for c in control[best]]).mean()) for k in ("kl", "top1", "nll")}
     out["one-hot+proxy"]["lambda"] = best
@@ -190,7 +196,7 @@ def _by_position(acc: dict) -> dict:
     t = np.concatenate(acc["position"])
     edges = [0, 4, 8, 16, 32, 64, 10**9]
     out = {"buckets": [f"{a}-{b - 1}" if b < 10**9 else f"{a}+" for a, b in zip(edges, edges[1:])]}
-    for name in ("one-hot", "prior", "proxy", "posterior"):
+    for name in ("one-hot", "prior", "proxy", "posterior-no-logprobs", "posterior"):
         kl = np.concatenate(acc[f"{name}/kl"])
         out[name] = [float(kl[(t >= a) & (t < b)].mean()) if ((t >= a) & (t < b)).any() else None
                      for a, b in zip(edges, edges[1:])]
