@@ -51,6 +51,11 @@ class TargetWriter:
             d = dists[name]
             if len(d) != n:
                 raise ValueError(f"target set {name}: {len(d)} rows for {n} positions")
+            if not (np.isfinite(d.probs).all() and np.isfinite(d.tail).all()):
+                raise BayeskdError(
+                    f"non-finite {name} targets for corpus record {record_index}: "
+                    "check the proxy checkpoint and posterior.* (e.g. proxy_temperature)"
+                )
             ids = np.full((n, self.k), -1, np.int32)
             probs = np.zeros((n, self.k), np.float16)
             kk = min(self.k, d.ids.shape[1])

@@ -153,7 +153,8 @@ def run_collect(cfg: Config, run: Run, force: bool = False) -> dict | None:
             reserved["tokens"] -= estimate[j]
             if isinstance(result, TeacherError):
                 stats["failures"] += 1
-                failures.append({"prompt_id": prompts[i]["id"], "keys": [keys[i][s] for s in missing], "reason": str(result)})
+                failures.append({"prompt_id": prompts[i]["id"], "keys": [keys[i][s] for s in missing],
+                                 "reason": str(result), "status": result.status})
                 continue
             stats["retries"] += result.retries
             stats["cut_short"] += sum(c.finish_reason == "length" for c in result.choices)  # kept: what an API returns
@@ -168,6 +169,12 @@ def run_collect(cfg: Config, run: Run, force: bool = False) -> dict | None:
         write_json_atomic(out / "ledger.json", ledger.to_dict())
         _write_jsonl(out / "failures.jsonl", failures)
 
+    refused = [f for f in failures if f["status"] == 400]
+    if refused:  # bad input: retrying cannot help, so say so now (the stage stays unfinished)
+        raise BayeskdError(
+            f"the teacher refused {len(refused)} request(s) as invalid, e.g. prompt {refused[0]['prompt_id']!r}: "
+            f"{refused[0]['reason']}; all are listed in {out / 'failures.jsonl'}"
+        )
     n_records = _write_corpus(out / CORPUS, store, prompts, keys)
     summary = {
         "prompts": len(prompts),

@@ -65,6 +65,9 @@ class LocalTeacher(Teacher):
         results: list[TeacherResponse | TeacherError | None] = [None] * len(requests)
         groups: dict[str, list[int]] = {}
         for i, r in enumerate(requests):
+            results[i] = self._too_long(r)
+            if results[i] is not None:  # refused alone, so that it does not fail its batch-mates
+                continue
             params = r.sampling() | {"seed": None}
             groups.setdefault(content_key(params), []).append(i)
         for indices in groups.values():
@@ -87,18 +90,24 @@ class LocalTeacher(Teacher):
             request.message_dicts(), tokenize=False, add_generation_prompt=True
         )
 
+    def _too_long(self, request: TeacherRequest) -> TeacherError | None:
+        if self.context_length is None:
+            return None
+        n = len(self.tokenizer(self.prompt_text(request), add_special_tokens=False)["input_ids"])
+        if n + request.max_tokens <= self.context_length:
+            return None
+        return TeacherError(
+            f"prompt of {n} tokens + max_tokens {request.max_tokens} exceeds the model context of "
+            f"{self.context_length} tokens",
+            status=400,
+        )
+
     def _generate_group(self, requests: list[TeacherRequest]) -> list[TeacherResponse | TeacherError]:
         first = requests[0]
         texts = [self.prompt_text(r) for r in requests]
         rows = [i for i, r in enumerate(requests) for _ in range(r.n)]
         enc = self.tokenizer([texts[i] for i in rows], add_special_tokens=False, padding=True, return_tensors="pt")
         prompt_lens = enc["attention_mask"].sum(1).tolist()
-        too_long = self.context_length is not None and max(prompt_lens) + first.max_tokens > self.context_length
-        if too_long:
-            raise TeacherError(
-                f"prompt of {max(prompt_lens)} tokens + max_tokens {first.max_tokens} exceeds the "
-                f"model context of {self.context_length} tokens"
-            )
         seeds = [r.seed for r in requests if r.seed is not None]
         generator_seed = int(content_key(seeds), 16) % (2**63) if seeds else None
         kwargs = dict(

@@ -166,7 +166,7 @@ def create_app(teacher: LocalTeacher, cfg: ServeConfig, served_name: str | None 
         try:
             response = await batcher.submit(request)
         except TeacherError as e:
-            return _error(400 if "context" in str(e) else 500, str(e))
+            return _error(e.status or 500, str(e))
         return JSONResponse(render(response))
 
     @app.post("/v1/chat/completions")
