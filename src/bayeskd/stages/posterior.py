@@ -54,7 +54,8 @@ def estimate(
     proxy_logits [P, V]; evidence (ids [P, E], probs [P, E]) from the teacher's logprobs.
     """
     pb = prior.query(contexts, k_prior, targets=loo)
-    logp = torch.log_softmax(proxy_logits.float() / cfg.proxy_temperature, dim=-1)
+    z = proxy_logits.float()
+    logp = torch.log_softmax(z if cfg.proxy_temperature == 1.0 else z / cfg.proxy_temperature, dim=-1)
     top_lp, top_ids = logp.topk(cfg.top_k, dim=-1)
     sets = [pb.ids, top_ids.numpy()]
     if evidence is not None:
@@ -67,12 +68,16 @@ def estimate(
     if cfg.mode == "expected":
         post = D.expected(prior_c, proxy_c, pb.kappa, cfg.m)
     elif cfg.mode == "sampled":
+        # M draws from the proxy, counted on the candidates: drawing over the candidates plus one
+        # "any other token" bucket gives the candidates' counts exactly the same distribution as
+        # drawing over the whole vocabulary, at the cost of C + 1 categories instead of V.
         m = int(cfg.m)
-        draws = torch.multinomial(logp.exp(), m, replacement=True, generator=generator) if m else None
         counts = np.zeros_like(prior_c)
-        if draws is not None:
-            hits = torch.from_numpy(safe)[:, :, None] == draws[:, None, :]
-            counts = np.where(valid, hits.sum(-1).numpy(), 0)
+        if m:
+            cats = torch.from_numpy(np.concatenate([proxy_c, np.clip(1 - proxy_c.sum(1, keepdims=True), 0, 1)], 1))
+            draws = torch.multinomial(cats.clamp_min(0) + 1e-300, m, replacement=True, generator=generator)
+            counts = torch.zeros(cats.shape, dtype=torch.float64).scatter_add_(1, draws, torch.ones(draws.shape, dtype=torch.float64))
+            counts = counts[:, :-1].numpy()
         post = D.sampled(prior_c, counts, pb.kappa, m)
     else:
         post = D.product(prior_c, proxy_c, 1 - prior_c.sum(1), 1 - proxy_c.sum(1), cfg.a, cfg.b)
@@ -158,7 +163,8 @@ def _compute(cfg: Config, corpus: TokenizedCorpus, prior: ngram.NGramPrior, prox
             writer.add(row["index"], dists, ent)
             entropies.append(ent)
             labels = torch.from_numpy(targets[sl].astype(np.int64))
-            loglik[row["index"]] = float(torch.log_softmax(z.float(), -1).gather(1, labels[:, None]).mean())
+            zf = z.float()
+            loglik[row["index"]] = float((zf.gather(1, labels[:, None]).squeeze(1) - zf.logsumexp(-1)).mean())
         t_total += time.perf_counter() - t0
     np.save(out / "proxy_loglik.npy", loglik)
     meta = {"tokenizer": corpus.tokenizer_fp, "corpus": corpus.corpus_fp, "mode": p.mode, "m": p.m, "k": p.top_k,
