@@ -63,13 +63,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
 
     from bayeskd.artifacts import Run
-    from bayeskd.stages import STAGES
+    from bayeskd.stages import STAGES, stage
 
     run = Run(cfg.run_dir)
     run.save_config(to_dict(cfg))
     names = list(STAGES) if args.command == "run" else [args.command]
     for name in names:
-        summary = STAGES[name](cfg, run, args.force)
+        summary = stage(name)(cfg, run, args.force)
         _report(name, run, summary)
     return 0
 
