@@ -281,7 +281,8 @@ class PriorConfig:
     """Prior candidates per position handed to the posterior."""
     leave_one_out: bool = True
     """At the corpus's own positions, remove the position's own occurrence from the counts."""
-    smoothing: Literal["dirichlet", "kneser_ney"] = "dirichlet"
+    smoothing: Literal["dirichlet"] = "dirichlet"
+    """The hierarchical Dirichlet smoother of method.md (interpolated Kneser-Ney is not implemented yet)."""
     shard_tokens: int = 4_000_000
     """Tokens counted per shard (bounds memory; shards are merged exactly)."""
     num_workers: int = 1
