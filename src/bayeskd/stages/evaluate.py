@@ -103,7 +103,15 @@ def score_students(cfg: Config, corpus: TokenizedCorpus, students: dict, teacher
 
 def _generate(cfg: Config, corpus: TokenizedCorpus, model, indices: list[int]) -> dict:
     tok = corpus.tokenizer
-    tok.padding_side = "left"
+    side, tok.padding_side = tok.padding_side, "left"  # generation pads on the left; restored below
+    try:
+        return _generate_left_padded(cfg, corpus, model, indices)
+    finally:
+        tok.padding_side = side
+
+
+def _generate_left_padded(cfg: Config, corpus: TokenizedCorpus, model, indices: list[int]) -> dict:
+    tok = corpus.tokenizer
     max_new = cfg.eval.max_new_tokens or cfg.collect.max_tokens
     records = [corpus.records[corpus.dataset[i]["index"]] for i in indices]
     seen, unique = set(), []
@@ -125,7 +133,6 @@ def _generate(cfg: Config, corpus: TokenizedCorpus, model, indices: list[int]) -
             if r.get("answer"):
                 checked += 1
                 correct += is_correct(text, str(r["answer"]))
-    tok.padding_side = "right"
     return {"rouge_l": float(np.mean(rouge)) if rouge else 0.0, "accuracy": correct / checked if checked else None,
             "answer_prompts": checked}
 
