@@ -40,6 +40,7 @@ from bayeskd.artifacts import Run  # noqa: E402
 from bayeskd.config import FAULT_KINDS, FaultConfig, ServeConfig, TeacherConfig, load_config  # noqa: E402
 from bayeskd.stages.collect import run_collect  # noqa: E402
 from bayeskd.teachers.base import TeacherError, TeacherRequest  # noqa: E402
+from bayeskd.teachers.faults import sigkill_loop  # noqa: E402
 from bayeskd.teachers.local import LocalTeacher  # noqa: E402
 from bayeskd.teachers.openai_compat import OpenAITeacher  # noqa: E402
 from bayeskd.teachers.server import BackgroundServer, free_port  # noqa: E402
@@ -115,20 +116,7 @@ def sigkill_scenario(model: Path, work: Path, kills_wanted: int, prompts: int, f
                 f"collect.limit={prompts}", "collect.n=2", "collect.max_tokens=4"]
         if flush_every:
             args.append(f"collect.flush_every={flush_every}")
-        kills = 0
-        for attempt in range(kills_wanted):
-            seen = faults.requests
-            proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            startup = attempt % 5 == 0  # one kill in five in start-up, the others mid-collection
-            deadline = time.time() + (rng.uniform(0.0, 2.5) if startup else 30)
-            while faults.requests == seen and proc.poll() is None and time.time() < deadline:
-                time.sleep(0.01)
-            if not startup:
-                time.sleep(rng.uniform(0.0, 0.4))
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-                kills += 1
-            proc.wait()
+        kills = sigkill_loop(args, ENV, lambda: faults.requests, kills_wanted, rng)
         before_final = audit(run_dir, prompts * 2)["records"]
         final = subprocess.run(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
         time.sleep(0.3)  # calls in flight at the last kill finish on the server

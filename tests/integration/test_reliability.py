@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from bayeskd.config import FAULT_KINDS, FaultConfig, ServeConfig, TeacherConfig
 from bayeskd.store import ResponseStore
 from bayeskd.teachers import openai_compat
 from bayeskd.teachers.base import TeacherError, TeacherRequest
+from bayeskd.teachers.faults import sigkill_loop
 from bayeskd.teachers.openai_compat import OpenAITeacher
 
 # One torch thread: a tiny model gains nothing from more, and on a busy 2-core machine their
@@ -187,22 +187,7 @@ def test_sigkill_loop_then_rerun_completes_exactly_once(start_server, tiny_teach
             tmp_path / "run", s, f"teacher.max_concurrency={concurrency}", f"collect.limit={limit}",
             f"collect.n={n}", "collect.max_tokens=4")]
         rng = random.Random(0)
-        kills = 0
-        for attempt in range(kills_wanted):
-            seen = faults.requests
-            proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            # One kill in five lands in start-up (imports, loading the store, listing models); the
-            # others a random moment after the run's first call (mid-collection).
-            startup = attempt % 5 == 0
-            deadline = time.time() + (rng.uniform(0.0, 2.5) if startup else 30)
-            while faults.requests == seen and proc.poll() is None and time.time() < deadline:
-                time.sleep(0.01)
-            if not startup:
-                time.sleep(rng.uniform(0.0, 0.4))
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-                kills += 1
-            proc.wait()
+        kills = sigkill_loop(args, ENV, lambda: faults.requests, kills_wanted, rng)
         partial = len(set(audit_store(tmp_path / "run")))
         subprocess.run(args, env=ENV, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
         time.sleep(0.3)  # let calls in flight at the last kill finish on the server
