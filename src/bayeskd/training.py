@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -376,8 +377,14 @@ def train(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    precision = resolve_mixed_precision(cfg.mixed_precision)
+    if AcceleratorState._shared_state.get("_mixed_precision") not in (None, precision):
+        # One process may train several models (`bayeskd run`: the proxy, then each student)
+        # with different precisions, and accelerate keeps one global state that refuses a new
+        # precision. Start that state afresh; the process group (PartialState) stays.
+        AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
-        mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
+        mixed_precision=precision,
         gradient_accumulation_steps=cfg.grad_accum,
         # The schedule counts optimizer steps; accelerate would otherwise step it once per process.
         step_scheduler_with_optimizer=False,

@@ -164,3 +164,14 @@ def test_mixed_precision_auto_is_off_without_a_bf16_device():
     expected = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     assert resolve_mixed_precision("auto") == expected
     assert resolve_mixed_precision("fp16") == "fp16"
+
+
+def test_one_process_trains_models_in_different_precisions_one_after_another(tmp_path, tiny_lm, tok, data):
+    """`bayeskd run` trains the proxy, then each student, in one process; accelerate's global state
+    used to refuse a second precision ("AcceleratorState has already been initialized")."""
+    for precision in ("no", "bf16", "no"):
+        cfg = TrainConfig(batch_size=2, max_steps=2, warmup_steps=0, save_every=0, mixed_precision=precision)
+        out = tmp_path / precision
+        result = train(load_causal_lm(str(tiny_lm)), data, make_loss_fn(), cfg, out, collate_fn=Collator(tok.pad_token_id),
+                       progress=False)  # fmt: skip
+        assert result.step == 2 and len(read_log(out)) == 2
