@@ -263,10 +263,18 @@ class DataConfig:
     """Pack several examples into one row of `max_length` instead of padding each (training only)."""
     heldout_fraction: float = 0.1
     """Share of prompts (by a hash of the prompt id) held out from training, for evaluation."""
+    train_prompts: int | None = None
+    """Train on only the first N training prompts, in corpus order (null: all). The held-out
+    prompts stay as they are: for learning curves over the corpus size on one evaluation set."""
+    samples: int | None = None
+    """Use only the first N samples of each prompt (null: all that `collect` has)."""
 
     def validate(self, path: str) -> None:
         _check(self.max_length >= 8, f"{path}.max_length", self.max_length, "must be >= 8")
         _check(0 <= self.heldout_fraction < 1, f"{path}.heldout_fraction", self.heldout_fraction, "must be in [0, 1)")
+        for name in ("train_prompts", "samples"):
+            v = getattr(self, name)
+            _check(v is None or v >= 1, f"{path}.{name}", v, "must be >= 1 or null")
 
 
 @dataclass
@@ -385,6 +393,12 @@ class EvalConfig:
     """Greedy generation length for ROUGE-L and exact match (default: collect.max_tokens)."""
     oracle: bool = True
     """Use the teacher as an oracle (KL to the teacher, fidelity) when it is a local open model."""
+    oracle_model: str | None = None
+    """The open model behind a served teacher (`teacher.backend: openai` pointing at `bayeskd serve`,
+    vLLM, ...), loaded as the oracle by `eval` and `distill` mode `oracle-kd` only; the method's
+    stages never read it. Null: the teacher itself when `teacher.backend` is `local`, else no oracle."""
+    estimates: bool = True
+    """Measure the estimates' fidelity (needs the oracle); false scores the students alone."""
     fidelity_positions: int = 1500
     """Most positions per setting (training, held-out) for the dense fidelity measures."""
     one_hot_eps: float = 0.1

@@ -42,9 +42,23 @@ class TokenizedCorpus:
         return out
 
 
+def select_records(records: list[dict], cfg: Config) -> list[dict]:
+    """`data.samples` and `data.train_prompts`: a smaller training corpus, the same held-out set."""
+    d = cfg.data
+    if d.samples is not None:
+        records = [r for r in records if r.get("sample_index", 0) < d.samples]
+    if d.train_prompts is not None:
+        kept: set[str] = set()
+        for r in records:
+            if len(kept) < d.train_prompts and not is_heldout(r["prompt_id"], d.heldout_fraction):
+                kept.add(r["prompt_id"])
+        records = [r for r in records if r["prompt_id"] in kept or is_heldout(r["prompt_id"], d.heldout_fraction)]
+    return records
+
+
 def load_corpus(cfg: Config, run: Run) -> TokenizedCorpus:
     path: Path = run.output("collect", "corpus.jsonl")
-    records = read_corpus(path)
+    records = select_records(read_corpus(path), cfg)
     if not records:
         raise BayeskdError(f"{path} is empty: collect found no responses")
     tokenizer = load_tokenizer(cfg.student_model)
@@ -55,4 +69,7 @@ def load_corpus(cfg: Config, run: Run) -> TokenizedCorpus:
             "the prompts are longer than that"
         )
     corpus_fp = (run.manifest("collect") or {}).get("outputs", {}).get("corpus", "")
+    if cfg.data.samples is not None or cfg.data.train_prompts is not None:
+        # A selection is another corpus: stored targets and tables keyed by the whole one must not match it.
+        corpus_fp = f"{corpus_fp}:samples={cfg.data.samples}:train_prompts={cfg.data.train_prompts}"
     return TokenizedCorpus(records, dataset, tokenizer, tokenizer_fingerprint(tokenizer), corpus_fp)

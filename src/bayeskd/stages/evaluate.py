@@ -247,7 +247,7 @@ def run_eval(cfg: Config, run: Run, force: bool = False) -> dict | None:
     metrics = {"students": score_students(cfg, corpus, students, teacher, heldout), "estimates": {}}
     if "oracle-kd" in metrics["students"]:
         metrics["students"]["oracle-kd"]["note"] = "upper bound: trained on the true teacher distribution"
-    if teacher is not None and run.manifest("posterior"):
+    if cfg.eval.estimates and teacher is not None and run.manifest("posterior"):
         metrics["estimates"] = {
             setting: score_estimates(cfg, run, corpus, teacher, heldout=setting == "heldout")
             for setting in ("train", "heldout")

@@ -25,15 +25,23 @@ from bayeskd.targets import TargetStore, TargetWriter
 
 def load_oracle(cfg: Config, student_fp: str):
     """The teacher as an open model, or a clear error saying why there is none."""
-    if cfg.teacher.backend != "local":
+    model = oracle_model(cfg)
+    if model is None:
         raise BayeskdError(
-            "an oracle needs the teacher's weights: teacher.backend must be `local` (an open model "
-            "standing in for a closed one); a closed API has no oracle"
+            "an oracle needs the teacher's weights: teacher.backend `local` (an open model standing in "
+            "for a closed one) or eval.oracle_model (the open model behind a served teacher); a closed "
+            "API has no oracle"
         )
-    fp = tokenizer_fingerprint(load_tokenizer(cfg.teacher.model))
+    fp = tokenizer_fingerprint(load_tokenizer(model))
     if fp != student_fp:
-        raise BayeskdError(f"the oracle teacher {cfg.teacher.model!r} has another tokenizer than the student")
-    return load_causal_lm(cfg.teacher.model, dtype=cfg.teacher.dtype, device=cfg.teacher.device)
+        raise BayeskdError(f"the oracle teacher {model!r} has another tokenizer than the student")
+    return load_causal_lm(model, dtype=cfg.teacher.dtype, device=cfg.teacher.device)
+
+
+def oracle_model(cfg: Config) -> str | None:
+    if cfg.eval.oracle_model:
+        return cfg.eval.oracle_model
+    return cfg.teacher.model if cfg.teacher.backend == "local" else None
 
 
 def temperature(cfg: Config) -> float:
@@ -56,7 +64,7 @@ def response_logits(model, corpus: TokenizedCorpus, indices: list[int], batch_si
 def oracle_targets(cfg: Config, run: Run, corpus: TokenizedCorpus) -> TargetStore:
     """Top-K of the true teacher distribution at every response token (cached in `oracle/`)."""
     k = cfg.posterior.top_k
-    stage_cfg = {"teacher": cfg.teacher.model, "temperature": temperature(cfg), "k": k}
+    stage_cfg = {"teacher": oracle_model(cfg), "temperature": temperature(cfg), "k": k}
     out = run.begin("oracle", stage_cfg, {"corpus": corpus.corpus_fp, "tokenizer": corpus.tokenizer_fp})
     if out is None:
         return TargetStore.open(run.root / "oracle" / "targets")
@@ -67,7 +75,7 @@ def oracle_targets(cfg: Config, run: Run, corpus: TokenizedCorpus) -> TargetStor
         p = lp.exp().double().numpy()
         dist = D.SparseDist(ids.numpy().astype(np.int32), p, np.clip(1 - p.sum(1), 0, 1))
         writer.add(row["index"], {"oracle": dist}, D.entropy(dist))
-    writer.close({"tokenizer": corpus.tokenizer_fp, "corpus": corpus.corpus_fp, "teacher": cfg.teacher.model,
+    writer.close({"tokenizer": corpus.tokenizer_fp, "corpus": corpus.corpus_fp, "teacher": oracle_model(cfg),
                   "note": "the true teacher distribution: an upper bound, never available to the method"})
     run.finish("oracle", "done", {"examples": len(corpus.dataset)})
     return TargetStore.open(out / "targets")
