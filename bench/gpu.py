@@ -1,7 +1,7 @@
 """The CUDA path: the fused KD loss in bf16 against a float64 reference, and bayeskd's training
 loop (accelerate, mixed precision `auto` -> bf16) on a student of SmolLM2-135M's shape.
 
-    python bench/cuda.py [--steps 30] [--batch 8] [--seq 512] [--out bench/out/cuda.json]
+    python bench/gpu.py [--steps 30] [--batch 8] [--seq 512] [--out bench/out/gpu.json]
 
 Needs a CUDA device; CI never runs it (the test suite covers the same code on CPU).
 
@@ -120,10 +120,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--out", default="bench/out/cuda.json")
+    parser.add_argument("--out", default="bench/out/gpu.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("bench/cuda.py needs a CUDA device; this machine has none")
+        raise SystemExit("bench/gpu.py needs a CUDA device; this machine has none")
     device = torch.device("cuda")
     record = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "settings": vars(args)}
     record["loss"] = loss_check(device)
