@@ -82,6 +82,9 @@ def _report(name: str, run, summary: dict | None) -> None:
     if summary is None:
         console.print(f"[bold]{name}[/]: already done in {run.root / name} (skipped; --force rebuilds)")
         return
+    if "off" in summary:  # an optional stage that is not configured
+        console.print(f"[bold]{name}[/]: off ({summary['off']})")
+        return
     if "table" in summary:  # eval: the comparison table, then where the report is
         from rich.markdown import Markdown
 

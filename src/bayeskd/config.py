@@ -49,6 +49,12 @@ class TeacherConfig:
     """openai: `/chat/completions` with messages, or `/completions` with the chat-formatted prompt as text."""
     completion_template: str = "chatml"
     """openai + completions: how chat messages become the prompt text: `chatml` or a Jinja chat template."""
+    prefix_via: Literal["auto", "completions", "continue_final_message", "none"] = "auto"
+    """openai: how the teacher continues a response prefix (stage `probe`): `completions` (the raw
+    endpoint, with the messages formatted by `completion_template`, then the prefix),
+    `continue_final_message` (a chat request ending in the assistant's prefix: vLLM,
+    `bayeskd serve`), or `none`. `auto`: `completions` when `base_url` is set, else `none`
+    (OpenAI's own API). A local teacher always can."""
     max_concurrency: int = 8
     """openai: requests in flight at once."""
     timeout_s: float = 120.0
@@ -345,6 +351,40 @@ class PosteriorConfig:
         _check(self.batch_size >= 1, f"{path}.batch_size", self.batch_size, "must be >= 1")
 
 
+@dataclass
+class ProbeConfig:
+    """Stage `probe`: the teacher's own next-token samples at response prefixes, where they pay (method.md, section 2).
+
+    Off unless `budget_tokens` is set. Each query asks the teacher to continue a training
+    response's prefix (x, y_<t) `samples` times; the first student token of each continuation
+    is a count c_T, and the posterior there becomes (kappa p_prior + M p_P + c_T) / (kappa + M + n_T).
+    """
+
+    budget_tokens: int | None = None
+    """API tokens (prompt + completion) this stage may spend; null: the stage is off."""
+    strategy: Literal["active", "random", "whole"] = "active"
+    """`active`: the positions whose posterior variance one query reduces most per API token;
+    `random`: positions drawn uniformly (the baseline); `whole`: more whole responses to the
+    training prompts, counted at every corpus prefix they share (also the fallback for a
+    teacher that cannot continue a prefix)."""
+    samples: int = 16
+    """Samples per query (the request's `n`): the prompt is paid once for all of them."""
+    max_tokens: int = 1
+    """Tokens per prefix sample; the first student token of the continuation is counted. 1 is exact
+    when teacher and student share a tokenizer; use a few when they may not."""
+    round_size: int = 32
+    """Queries per round; the acquisition scores are recomputed between rounds."""
+    max_queries_per_position: int = 4
+    """`active`: the most queries at one position."""
+    seed: int = 0
+    """Order of `random`'s positions and of `whole`'s prompts, and the teacher's sampling seeds."""
+
+    def validate(self, path: str) -> None:
+        _check(self.budget_tokens is None or self.budget_tokens > 0, f"{path}.budget_tokens", self.budget_tokens, "must be > 0 or null")
+        for name in ("samples", "max_tokens", "round_size", "max_queries_per_position"):
+            _check(getattr(self, name) >= 1, f"{path}.{name}", getattr(self, name), "must be >= 1")
+
+
 DISTILL_MODES = ("sft", "bayes", "prior-only", "posterior-only", "proxy-kd", "oracle-kd")
 
 
@@ -460,6 +500,7 @@ class Config:
     prior: PriorConfig = field(default_factory=PriorConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     posterior: PosteriorConfig = field(default_factory=PosteriorConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)

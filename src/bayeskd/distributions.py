@@ -102,6 +102,26 @@ def with_teacher_counts(
     return (kappa * prior + m * proxy + counts) / (kappa + m + n_t)
 
 
+def counts_on(cand_ids: np.ndarray, ids: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Counts [N, S] at ids [N, S] (PAD where unused) placed on the candidates [N, C] -> [N, C].
+
+    Every counted id must be among its row's candidates (make them candidates first)."""
+    out = np.zeros(cand_ids.shape, dtype=np.float64)
+    for j in range(ids.shape[1]):
+        hit = (cand_ids == ids[:, j : j + 1]) & (ids[:, j : j + 1] >= 0)
+        out += hit * counts[:, j : j + 1]
+    return out
+
+
+def add_counts(post: np.ndarray, counts: np.ndarray, strength: np.ndarray) -> np.ndarray:
+    """(A p + c) / (A + n): observed counts c [N, C] on top of a Dirichlet mean p of strength A [N].
+
+    With p = (kappa p_prior + M p_P) / (kappa + M) and A = kappa + M this is exactly
+    `with_teacher_counts`."""
+    a = np.asarray(strength, dtype=np.float64)[:, None]
+    return (a * post + counts) / (a + counts.sum(1, keepdims=True))
+
+
 def product(
     prior: np.ndarray, proxy: np.ndarray, prior_tail: np.ndarray, proxy_tail: np.ndarray, a: float, b: float
 ) -> np.ndarray:

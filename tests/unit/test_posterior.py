@@ -165,3 +165,31 @@ def test_target_store_round_trips_and_rejects_mismatches(tmp_path):
         store.check("tokA", "c2")
     with pytest.raises(BayeskdError, match="no 'proxy' targets"):
         store.table("proxy")
+
+
+@pytest.mark.parametrize("mode", ["expected", "sampled", "product"])
+def test_teacher_counts_update_the_posterior_by_the_closed_form(prior, mode):
+    """(kappa p_prior + M p_P + c_T) / (kappa + M + n_T): with K = V the stored posterior is exact."""
+    model, ctx, tgt, logits = setup(prior)
+    cfg = PosteriorConfig(mode=mode, m=8, top_k=V)
+    rng = np.random.default_rng(3)
+    c_ids = np.stack([rng.choice(V, 3, replace=False) for _ in range(len(ctx))])
+    c_n = rng.integers(1, 5, size=c_ids.shape).astype(float)
+    c_ids[0, 2], c_n[0, 2] = -1, 0.0  # an unused slot
+    gen = lambda: torch.Generator().manual_seed(7)  # noqa: E731  the same proxy draws with and without counts
+    base, _ = estimate(model, ctx, tgt, logits, cfg, V, generator=gen())
+    got, _ = estimate(model, ctx, tgt, logits, cfg, V, generator=gen(), teacher_counts=(c_ids, c_n))
+    kappa = model.query(ctx, 1, targets=tgt).kappa[:, None]
+    strength = kappa + (0 if mode == "product" else cfg.m)
+    counts = np.zeros((len(ctx), V))
+    for i in range(len(ctx)):
+        for w, n in zip(c_ids[i], c_n[i]):
+            if w >= 0:
+                counts[i, w] += n
+    want = (strength * dense(base["posterior"]) + counts) / (strength + counts.sum(1, keepdims=True))
+    np.testing.assert_allclose(dense(got["posterior"]), want, atol=1e-9)
+    if mode == "expected":  # the same as the method's formula written out
+        p_prior = model.dense(ctx, targets=tgt)
+        p_proxy = torch.softmax(logits.double(), -1).numpy()
+        formula = (kappa * p_prior + cfg.m * p_proxy + counts) / (kappa + cfg.m + counts.sum(1, keepdims=True))
+        np.testing.assert_allclose(dense(got["posterior"]), formula, atol=1e-9)

@@ -20,6 +20,7 @@ _STAGES = {
     "prior": ("prior", "run_prior"),
     "proxy": ("proxy", "run_proxy"),
     "posterior": ("posterior", "run_posterior"),
+    "probe": ("probe", "run_probe"),
     "distill": ("distill", "run_distill"),
     "eval": ("evaluate", "run_eval"),
 }

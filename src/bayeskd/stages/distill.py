@@ -12,8 +12,8 @@
 | oracle-kd      | 0     | beta | the true teacher (upper bound)| -                  |
 
 Each student is its own sub-stage with its own manifest, so adding a mode trains only that
-student. The Bayesian modes read `posterior/targets/` and refuse targets made with another
-tokenizer or from another corpus.
+student. The Bayesian modes read `posterior/targets/` (`probe/targets/` when `probe` ran) and
+refuse targets made with another tokenizer or from another corpus.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from bayeskd.errors import BayeskdError
 from bayeskd.losses import make_loss_fn
 from bayeskd.stages.corpus import load_corpus
 from bayeskd.stages.fit import fit
+from bayeskd.stages.probe import target_stage
 from bayeskd.targets import TargetStore
 
 UPPER_BOUND = "oracle-kd is an upper bound: it trains on the true teacher distribution, which a closed API never shows"
@@ -52,9 +53,10 @@ def _plan(cfg: Config, run: Run, mode: str, corpus) -> tuple[dict, dict, list[fl
         store = oracle_targets(cfg, run, corpus)
         source = {"posterior": store.table("oracle")}
         return {"lambda_ce": d.lambda_ce, "beta": d.beta}, source, None, {"oracle": store.meta["teacher"]}
-    store = TargetStore.open(run.output("posterior", "targets"))
+    source = target_stage(cfg)  # `probe` when it ran: the posterior with the teacher's own samples
+    store = TargetStore.open(run.output(source, "targets"))
     store.check(corpus.tokenizer_fp, corpus.corpus_fp)
-    extra = {"targets": (run.manifest("posterior") or {}).get("fingerprint", "")}
+    extra = {"targets": f"{source}:{(run.manifest(source) or {}).get('fingerprint', '')}"}
     if mode == "bayes":
         return {"lambda_ce": d.lambda_ce, "alpha": d.alpha, "beta": d.beta}, {
             "prior": store.table("prior"), "posterior": store.table("posterior")}, None, extra

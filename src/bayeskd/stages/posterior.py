@@ -47,11 +47,14 @@ def estimate(
     k_prior: int,
     evidence: tuple[np.ndarray, np.ndarray] | None = None,
     generator: torch.Generator | None = None,
+    teacher_counts: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[dict[str, D.SparseDist], np.ndarray]:
     """Prior, posterior and proxy targets at P positions, and the posterior's entropy.
 
     contexts [P, n-1]; loo [P] the positions' own tokens for leave-one-out (or None);
-    proxy_logits [P, V]; evidence (ids [P, E], probs [P, E]) from the teacher's logprobs.
+    proxy_logits [P, V]; evidence (ids [P, E], probs [P, E]) from the teacher's logprobs;
+    teacher_counts (ids [P, S], counts [P, S], PAD / 0 where unused): the teacher's own samples
+    at each prefix (stage `probe`), added to the Dirichlet before the logprob evidence.
     """
     pb = prior.query(contexts, k_prior, targets=loo)
     z = proxy_logits.float()
@@ -60,6 +63,8 @@ def estimate(
     sets = [pb.ids, top_ids.numpy()]
     if evidence is not None:
         sets.append(evidence[0])
+    if teacher_counts is not None:
+        sets.append(teacher_counts[0])
     cand = D.union_ids(*sets)
     valid = cand >= 0
     safe = np.where(valid, cand, 0)
@@ -81,6 +86,12 @@ def estimate(
         post = D.sampled(prior_c, counts, pb.kappa, m)
     else:
         post = D.product(prior_c, proxy_c, 1 - prior_c.sum(1), 1 - proxy_c.sum(1), cfg.a, cfg.b)
+    if teacher_counts is not None:
+        c_t = D.counts_on(cand, *teacher_counts)
+        # (kappa p_prior + M p_P + c_T) / (kappa + M + n_T): the update above, with the teacher's
+        # counts added; `product` has no pseudo-count of its own, so its strength is kappa alone.
+        strength = pb.kappa + (0.0 if cfg.mode == "product" else cfg.m)
+        post = D.add_counts(post, c_t, strength)
     if evidence is not None:
         post = D.apply_evidence(post, cand, *evidence)
     posterior = D.top_k(cand, post, cfg.top_k)

@@ -37,10 +37,15 @@ class TeacherRequest:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     top_logprobs: int = 0
+    prefix: str | None = None
+    """Prefix continuation: the start of the assistant's response, which the teacher must
+    continue (the returned text is what comes after it). Needs `messages`."""
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):
             raise ValueError("a TeacherRequest needs exactly one of messages or prompt")
+        if self.prefix is not None and self.messages is None:
+            raise ValueError("a TeacherRequest with a response prefix needs chat messages")
         if not 0 <= self.top_logprobs <= 20:
             raise ValueError(f"top_logprobs={self.top_logprobs}: must be in 0..20")
         if self.n < 1 or self.max_tokens < 1:
@@ -113,6 +118,8 @@ class Teacher(ABC):
     """
 
     name: str
+    supports_prefix: bool = False
+    """Whether requests with a response `prefix` (prefix continuation) can be answered."""
 
     @abstractmethod
     def stream(self, requests: Iterable[TeacherRequest]) -> Iterator[tuple[int, TeacherResponse | TeacherError]]:

@@ -30,6 +30,8 @@ from bayeskd.teachers.base import (
 
 
 class LocalTeacher(Teacher):
+    supports_prefix = True
+
     def __init__(
         self,
         model: str,
@@ -86,9 +88,8 @@ class LocalTeacher(Teacher):
     def prompt_text(self, request: TeacherRequest) -> str:
         if request.prompt is not None:
             return request.prompt
-        return self.tokenizer.apply_chat_template(
-            request.message_dicts(), tokenize=False, add_generation_prompt=True
-        )
+        text = self.tokenizer.apply_chat_template(request.message_dicts(), tokenize=False, add_generation_prompt=True)
+        return text + (request.prefix or "")
 
     def _too_long(self, request: TeacherRequest) -> TeacherError | None:
         if self.context_length is None:
@@ -104,6 +105,8 @@ class LocalTeacher(Teacher):
 
     def _generate_group(self, requests: list[TeacherRequest]) -> list[TeacherResponse | TeacherError]:
         first = requests[0]
+        if first.max_tokens == 1 and not first.stop:
+            return self._one_token_group(requests)
         texts = [self.prompt_text(r) for r in requests]
         rows = [i for i, r in enumerate(requests) for _ in range(r.n)]
         enc = self.tokenizer([texts[i] for i in rows], add_special_tokens=False, padding=True, return_tensors="pt")
@@ -144,6 +147,38 @@ class LocalTeacher(Teacher):
                 completion_tokens=sum(n for _, n in mine),
             )
             responses.append(TeacherResponse(choices=[c for c, _ in mine], usage=usage, model=self.name))
+        return responses
+
+    def _one_token_group(self, requests: list[TeacherRequest]) -> list[TeacherResponse]:
+        """max_tokens = 1 (prefix probes): one forward per prompt, n samples from its next-token distribution.
+
+        The same distribution `generate` samples from (temperature, then top-p, no top-k), without
+        repeating the prompt n times.
+        """
+        first = requests[0]
+        enc = self.tokenizer([self.prompt_text(r) for r in requests], add_special_tokens=False, padding=True, return_tensors="pt")
+        seeds = [r.seed for r in requests if r.seed is not None]
+        gen = torch.Generator().manual_seed(int(content_key(seeds), 16) % (2**63)) if seeds else None
+        mask = enc["attention_mask"]
+        positions = (mask.cumsum(1) - 1).clamp_min(0)  # as generate() numbers left-padded rows
+        with self._lock, torch.inference_mode():
+            logits = self.model(input_ids=enc["input_ids"].to(self.device), attention_mask=mask.to(self.device),
+                                position_ids=positions.to(self.device)).logits  # fmt: skip
+        logprobs = torch.log_softmax(logits[:, -1].float(), dim=-1).cpu()  # left padding: the last column is the next token
+        responses = []
+        for i, r in enumerate(requests):
+            if r.temperature == 0:
+                ids = logprobs[i].argmax().repeat(r.n)
+            else:
+                probs = torch.softmax(logprobs[i] / r.temperature, dim=-1)
+                if r.top_p < 1:
+                    sorted_p, order = probs.sort(descending=True)
+                    drop = sorted_p.cumsum(0) - sorted_p >= r.top_p  # keep the smallest set reaching top_p
+                    probs = probs.scatter(0, order, sorted_p.masked_fill(drop, 0.0))
+                ids = torch.multinomial(probs, r.n, replacement=True, generator=gen)
+            chosen = [self._choice(ids[j : j + 1], logprobs[i : i + 1] if r.top_logprobs else None, r) for j in range(r.n)]
+            usage = Usage(prompt_tokens=int(mask[i].sum()), completion_tokens=sum(n for _, n in chosen))
+            responses.append(TeacherResponse(choices=[c for c, _ in chosen], usage=usage, model=self.name))
         return responses
 
     def _choice(self, ids: torch.Tensor, logprobs: torch.Tensor | None, request: TeacherRequest) -> tuple[Choice, int]:

@@ -49,6 +49,8 @@ class OpenAITeacher(Teacher):
                 raise TeacherUnavailable(f"teacher.api_key_env: environment variable {cfg.api_key_env} is not set")
             key = "EMPTY"  # local servers (vLLM, llama.cpp, Ollama) accept any key
         self.client = openai.OpenAI(api_key=key, base_url=cfg.base_url, timeout=cfg.timeout_s, max_retries=0)
+        self.prefix_via = prefix_via(cfg)
+        self.supports_prefix = self.prefix_via != "none"
 
     def check(self) -> None:
         """Fail fast, before any paid call, on an unreachable endpoint or a rejected key (lists models)."""
@@ -115,6 +117,8 @@ class OpenAITeacher(Teacher):
         if request.stop:
             common["stop"] = list(request.stop)
         try:
+            if request.prefix is not None:
+                return self._continue(request, common)
             if self.cfg.endpoint == "chat":
                 if request.messages is None:
                     raise TeacherError("teacher.endpoint=chat needs chat messages, got a raw prompt")
@@ -136,6 +140,25 @@ class OpenAITeacher(Teacher):
         except (ValueError, TypeError, KeyError, AttributeError) as e:  # a body of the wrong shape
             raise TeacherError(f"malformed response: {e}", retryable=True) from None
 
+    def _continue(self, request: TeacherRequest, common: dict[str, Any]) -> TeacherResponse:
+        """Prefix continuation, by the completions endpoint or by vLLM's continue_final_message."""
+        if self.prefix_via == "none":
+            raise TeacherError(
+                f"teacher {self.name} cannot continue a response prefix (teacher.prefix_via=none: no completions "
+                "endpoint and no continue_final_message); use whole-response sampling instead"
+            )
+        if self.prefix_via == "completions":
+            if request.top_logprobs:
+                common["logprobs"] = request.top_logprobs
+            prompt = self.format_chat(request.message_dicts()) + request.prefix
+            return _checked(parse_completion, _body(self.client.completions.create(prompt=prompt, **common)), request)
+        if request.top_logprobs:
+            common.update(logprobs=True, top_logprobs=request.top_logprobs)
+        messages = [*request.message_dicts(), {"role": "assistant", "content": request.prefix}]
+        extra = {"continue_final_message": True, "add_generation_prompt": False}
+        raw = self.client.chat.completions.create(messages=messages, extra_body=extra, **common)
+        return _checked(parse_chat, _body(raw), request)
+
     def format_chat(self, messages: list[dict]) -> str:
         """Chat messages -> completions prompt, with `teacher.completion_template` (the endpoint has none)."""
         template = CHATML_TEMPLATE if self.cfg.completion_template == "chatml" else self.cfg.completion_template
@@ -143,6 +166,15 @@ class OpenAITeacher(Teacher):
 
     def close(self) -> None:
         self.client.close()
+
+
+def prefix_via(cfg: TeacherConfig) -> str:
+    """How this endpoint continues a response prefix: `teacher.prefix_via`, with `auto` resolved."""
+    if cfg.prefix_via != "auto":
+        return cfg.prefix_via
+    # Servers one runs (vLLM, llama.cpp, Ollama, bayeskd serve) have a raw completions endpoint;
+    # OpenAI's own chat models have neither that nor prefill.
+    return "completions" if cfg.base_url is not None else "none"
 
 
 def _body(raw: Any) -> dict:

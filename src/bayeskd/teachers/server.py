@@ -49,6 +49,9 @@ class ChatBody(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    continue_final_message: bool = False
+    """vLLM's extension: the last message is the assistant's unfinished response, to be continued."""
+    add_generation_prompt: bool = True
 
 
 class CompletionBody(_Sampling):
@@ -171,9 +174,17 @@ def create_app(teacher: LocalTeacher, cfg: ServeConfig, served_name: str | None 
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody):
+        messages, prefix = [m.model_dump() for m in body.messages], None
+        if body.continue_final_message:
+            if messages[-1]["role"] != "assistant" or body.add_generation_prompt:
+                return _error(400, "continue_final_message needs a final assistant message and add_generation_prompt=false")
+            messages, prefix = messages[:-1], messages[-1]["content"]
+            if not messages:
+                return _error(400, "continue_final_message needs a message before the assistant's")
         request = TeacherRequest.chat(
-            [m.model_dump() for m in body.messages],
+            messages,
             top_logprobs=(body.top_logprobs or 0) if body.logprobs else 0,
+            prefix=prefix,
             **_sampling(body, body.max_completion_tokens),
         )
         return await run(body, request, lambda r: _chat_json(r, model_name))

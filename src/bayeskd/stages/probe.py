@@ -1,0 +1,451 @@
+"""Stage `probe`: the teacher's own next-token samples at response prefixes, spent where they pay
+(method.md, section 2, "teacher continued sampling").
+
+A prefix query asks the teacher to continue a training response's prefix (x, y_<t): one
+request, `probe.samples` samples of `probe.max_tokens` tokens. The first student token of each
+continuation (the end of the turn when the teacher stops at once) is a count c_T at position
+t, and the posterior there becomes
+
+    p_post = (kappa_t p_prior + M p_P + c_T) / (kappa_t + M + n_T)
+
+after which the teacher's top-k logprobs, where collect stored them, fix their tokens as in
+`posterior`. Positions that share their prompt and prefix (several samples of one prompt
+begin alike) share their queries.
+
+Which positions (`probe.strategy`):
+- `active`: for Dir(A p), A = kappa + M + n_T, the posterior's total variance is
+  sum_w Var p_w = (1 - sum_w p_w^2) / (A + 1); S more samples bring it to
+  (1 - sum p^2) / (A + S + 1). Scaled by the square of the mass the teacher's logprobs left
+  uncovered there, and divided by the query's cost in tokens (prompt, prefix, completion),
+  this is the expected reduction per API token. Each round queries the `round_size` best
+  positions, updates them, and scores again.
+- `random`: positions in a uniformly random order (the baseline).
+- `whole`: more whole responses to the training prompts (random prompts), each counted at
+  every corpus position whose prefix it shares (a sample agrees with y_<t, so its token at t
+  is a teacher sample at that prefix). A teacher that cannot continue a prefix
+  (`teacher.prefix_via: none`) falls back to this, and says so.
+
+Budget: `probe.budget_tokens` API tokens, counted by a ledger and reserved before each request
+is sent (a prompt is bounded by its UTF-8 bytes, as in collect), so that the stage stops
+within it. Every answer is kept in a content-keyed store (`probe/store`): a rerun, or a larger
+budget later, pays for no query twice.
+
+Writes `probe/targets/` (the posterior's target store with the probed positions updated; the
+`bayes` and `posterior-only` students train on it), `probe/trace.jsonl` (tokens spent and
+positions probed after each round) and `probe/ledger.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from bayeskd import distributions as D
+from bayeskd import ngram
+from bayeskd.artifacts import Run, write_json_atomic
+from bayeskd.config import Config
+from bayeskd.data import Collator, is_heldout, tokenize_record
+from bayeskd.distributions import PAD
+from bayeskd.evidence import EvidenceMapper
+from bayeskd.stages.corpus import TokenizedCorpus, load_corpus
+from bayeskd.stages.posterior import SETS, estimate, load_prior, response_spans
+from bayeskd.store import Ledger, ResponseStore
+from bayeskd.targets import TargetStore, TargetWriter
+from bayeskd.teachers.base import Teacher, TeacherError, TeacherRequest, content_key
+
+FALLBACK = (
+    "teacher {name} cannot continue a response prefix (teacher.prefix_via={via}); probe falls back to "
+    "whole-response sampling: {samples} more responses per query, counted where they share a prefix"
+)
+
+
+def target_stage(cfg: Config) -> str:
+    """The stage whose `targets/` the Bayesian students train on."""
+    return "probe" if cfg.probe.budget_tokens is not None else "posterior"
+
+
+class Prober:
+    """Per-position posterior targets, teacher counts and acquisition scores over a corpus."""
+
+    def __init__(self, cfg: Config, corpus: TokenizedCorpus, prior: ngram.NGramPrior, proxy, targets: TargetStore,
+                 teacher_name: str):  # fmt: skip
+        self.cfg, self.corpus, self.prior, self.proxy, self.teacher_name = cfg, corpus, prior, proxy, teacher_name
+        p = cfg.probe
+        data = corpus.dataset
+        self.tok = corpus.tokenizer
+        self.vocab = len(self.tok)
+        self.contexts, self.tokens = ngram.corpus_contexts(corpus.docs(data), prior.order, self.vocab)
+        n_resp = np.asarray(data["n_response"])
+        self.starts = np.concatenate([[0], np.cumsum(n_resp)])
+        self.row_of = np.repeat(np.arange(len(data)), n_resp)
+        self.t_of = np.arange(len(self.tokens)) - self.starts[self.row_of]
+        self.prompt_ids = list(data["prompt_id"])
+        self.record_of = list(data["index"])
+        row_train = np.array([not is_heldout(pid, cfg.data.heldout_fraction) for pid in self.prompt_ids])
+        self.train = row_train[self.row_of]
+        self.loo = cfg.prior.leave_one_out
+        self.kappa = np.zeros(len(self.tokens))
+        if self.train.any():
+            ctx, y = self.contexts[self.train], self.tokens[self.train]
+            self.kappa[self.train] = prior.query(ctx, 1, targets=y if self.loo else None).kappa
+        self.m = 0.0 if cfg.posterior.mode == "product" else float(cfg.posterior.m)
+        ids, probs, tail, ent = [], [], [], []
+        for r in range(len(data)):
+            rec = self.record_of[r]
+            ids.append(targets.rows(rec, "posterior_ids")[: n_resp[r]])
+            probs.append(targets.rows(rec, "posterior_probs")[: n_resp[r]].astype(np.float64))
+            tail.append(targets.rows(rec, "posterior_tail")[: n_resp[r]].astype(np.float64))
+            ent.append(targets.rows(rec, "entropy")[: n_resp[r]].astype(np.float64))
+        self.post_ids, self.post_probs = np.concatenate(ids), np.concatenate(probs)
+        self.post_tail, self.entropy = np.concatenate(tail), np.concatenate(ent)
+        self.entropy_before = self.entropy.copy()
+        self.mapper = EvidenceMapper(self.tok) if cfg.posterior.use_logprobs else None
+        self._spans: dict[int, list] = {}
+        self._evidence: dict[int, tuple | None] = {}
+        self.uncovered = np.ones(len(self.tokens))
+        for r in np.unique(self.row_of[self.train]):
+            ev = self.evidence(int(r))
+            if ev is not None:
+                self.uncovered[self.starts[r] : self.starts[r + 1]] = np.clip(1 - ev[1].sum(1), 0, 1)
+        self.prompt_len = np.array([len(a) - n for a, n in zip(data["input_ids"], n_resp)])
+        self.counts: dict[int, Counter] = {}
+        self.n_t = np.zeros(len(self.tokens))
+        self.n_queries = np.zeros(len(self.tokens), dtype=np.int64)
+        self.rng = np.random.default_rng(p.seed)
+        self.order = self.rng.permutation(np.flatnonzero(self.train))  # `random`'s positions
+        self.next_random = 0
+        self.generator = torch.Generator().manual_seed(cfg.posterior.seed)
+
+    # ---------------------------------------------------------------- per row
+
+    def record(self, r: int) -> dict:
+        return self.corpus.records[self.record_of[r]]
+
+    def spans(self, r: int) -> list:
+        if r not in self._spans:
+            n = int(self.starts[r + 1] - self.starts[r])
+            self._spans[r] = response_spans(self.record(r), self.tok, self.cfg.data.template, n)
+        return self._spans[r]
+
+    def evidence(self, r: int):
+        if r not in self._evidence:
+            rec = self.record(r)
+            ok = self.mapper is not None and rec.get("tokens")
+            self._evidence[r] = self.mapper.evidence(rec["text"], rec["tokens"], self.spans(r)) if ok else None
+        return self._evidence[r]
+
+    def prefix(self, g: int) -> str:
+        r, t = int(self.row_of[g]), int(self.t_of[g])
+        return self.record(r)["text"][: max(0, self.spans(r)[t][0])]
+
+    # ---------------------------------------------------------------- choosing
+
+    def scores(self) -> np.ndarray:
+        """Expected reduction of the posterior's total variance per API token, per position."""
+        p = self.cfg.probe
+        a = self.kappa + self.m + self.n_t
+        spread = 1.0 - (self.post_probs**2).sum(1)
+        gain = spread * self.uncovered**2 * (1.0 / (a + 1.0) - 1.0 / (a + p.samples + 1.0))
+        cost = self.prompt_len[self.row_of] + self.t_of + p.samples * p.max_tokens
+        score = gain / cost
+        score[~self.train | (self.n_queries >= p.max_queries_per_position)] = -np.inf
+        return score
+
+    def select(self, strategy: str, k: int) -> np.ndarray:
+        if strategy == "random":
+            picked = self.order[self.next_random : self.next_random + k]
+            self.next_random += len(picked)
+            return picked
+        score = self.scores()
+        k = min(k, int(np.isfinite(score).sum()))
+        if k == 0:
+            return np.zeros(0, dtype=np.int64)
+        top = np.argpartition(-score, k - 1)[:k]
+        return top[np.argsort(-score[top])]
+
+    # ---------------------------------------------------------------- asking
+
+    def prefix_request(self, g: int) -> tuple[TeacherRequest, str]:
+        p, c = self.cfg.probe, self.cfg.collect
+        messages, prefix = self.record(int(self.row_of[g]))["messages"], self.prefix(g)
+        key = content_key(self.teacher_name, messages, prefix, p.samples, p.max_tokens, c.temperature, c.top_p,
+                          int(self.n_queries[g]))  # fmt: skip
+        request = TeacherRequest.chat(messages, prefix=prefix, n=p.samples, max_tokens=p.max_tokens,
+                                      temperature=c.temperature, top_p=c.top_p, seed=_seed(key, p.seed))  # fmt: skip
+        return request, key
+
+    def whole_request(self, prompt_id: str, q: int) -> tuple[TeacherRequest, str]:
+        p, c = self.cfg.probe, self.cfg.collect
+        messages = self.record(self.prompt_ids.index(prompt_id))["messages"]
+        key = content_key(self.teacher_name, messages, "whole", p.samples, c.max_tokens, c.temperature, c.top_p, q)
+        request = TeacherRequest.chat(messages, n=p.samples, max_tokens=c.max_tokens, temperature=c.temperature,
+                                      top_p=c.top_p, seed=_seed(key, p.seed))  # fmt: skip
+        return request, key
+
+    def student_token(self, text: str, finish: str) -> int:
+        """The first student token of a continuation; the end of the turn when it stopped at once."""
+        if text:
+            return self.mapper_or_new().student_first(text)[0]
+        return self.tok.eos_token_id if finish == "stop" else PAD
+
+    def mapper_or_new(self) -> EvidenceMapper:
+        if self.mapper is None:
+            self.mapper = EvidenceMapper(self.tok)
+        return self.mapper
+
+    def absorb_prefix(self, g: int, samples: list[dict]) -> list[int]:
+        ids = [self.student_token(s["text"], s["finish_reason"]) for s in samples]
+        self._count(g, [i for i in ids if i != PAD])
+        self.n_queries[g] += 1
+        return [g]
+
+    def absorb_whole(self, prompt_id: str, samples: list[dict]) -> list[int]:
+        """Count each whole sample at every position of the prompt's training responses it shares a prefix with."""
+        touched = set()
+        rows = [r for r, pid in enumerate(self.prompt_ids) if pid == prompt_id]
+        for s in samples:
+            rec = {"messages": self.record(rows[0])["messages"], "text": s["text"], "finish_reason": s["finish_reason"]}
+            ex = tokenize_record(rec, self.tok, self.cfg.data.template, self.cfg.data.max_length)
+            z = ex["input_ids"][len(ex["input_ids"]) - ex["n_response"] :]
+            for r in rows:
+                lo, hi = int(self.starts[r]), int(self.starts[r + 1])
+                for t in range(min(hi - lo, len(z))):  # z agrees with y up to t - 1: z_t is a sample at y_<t
+                    self._count(lo + t, [int(z[t])])
+                    touched.add(lo + t)
+                    if z[t] != self.tokens[lo + t]:
+                        break
+        return sorted(touched)
+
+    def _count(self, g: int, ids: list[int]) -> None:
+        self.counts.setdefault(g, Counter()).update(ids)
+        self.n_t[g] = sum(self.counts[g].values())
+
+    # ---------------------------------------------------------------- updating
+
+    def update(self, positions: list[int]) -> None:
+        """Recompute the posterior at `positions` with their teacher counts (one proxy pass per row)."""
+        positions = np.unique(np.asarray(positions, dtype=np.int64))
+        rows = np.unique(self.row_of[positions])
+        collate = Collator(self.tok.pad_token_id)
+        bs = self.cfg.posterior.batch_size
+        for lo in range(0, len(rows), bs):
+            chunk = rows[lo : lo + bs]
+            batch = collate([self.corpus.dataset[int(r)] for r in chunk])
+            with torch.inference_mode():
+                logits = self.proxy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            for b, r in enumerate(chunk):
+                mine = positions[self.row_of[positions] == r]
+                t = self.t_of[mine]
+                label_pos = torch.nonzero(batch["labels"][b] != -100).squeeze(-1)
+                z = logits[b, label_pos[torch.from_numpy(t)] - 1]
+                ev = self.evidence(int(r))
+                ev = None if ev is None else (ev[0][t], ev[1][t])
+                width = max(len(self.counts.get(int(g), ())) for g in mine) or 1
+                c_ids = np.full((len(mine), width), PAD, dtype=np.int64)
+                c_n = np.zeros((len(mine), width))
+                for i, g in enumerate(mine):
+                    for j, (w, n) in enumerate(self.counts.get(int(g), Counter()).items()):
+                        c_ids[i, j], c_n[i, j] = w, n
+                loo = self.tokens[mine] if self.loo else None
+                dists, ent = estimate(self.prior, self.contexts[mine], loo, z, self.cfg.posterior, self.cfg.prior.top_k,
+                                      ev, self.generator, teacher_counts=(c_ids, c_n))  # fmt: skip
+                post = dists["posterior"]
+                self.post_ids[mine], self.post_probs[mine], self.post_tail[mine] = post.ids, post.probs, post.tail
+                self.entropy[mine] = ent
+
+    # ---------------------------------------------------------------- writing
+
+    def write(self, folder, source: TargetStore) -> None:
+        k = self.cfg.posterior.top_k
+        writer = TargetWriter(folder, SETS, k)
+        for r in range(len(self.corpus.dataset)):
+            rec, sl = self.record_of[r], slice(int(self.starts[r]), int(self.starts[r + 1]))
+            n = sl.stop - sl.start
+            dists = {
+                name: D.SparseDist(source.rows(rec, f"{name}_ids")[:n], source.rows(rec, f"{name}_probs")[:n].astype(np.float64),
+                                   source.rows(rec, f"{name}_tail")[:n].astype(np.float64))
+                for name in SETS if name != "posterior"
+            }  # fmt: skip
+            dists["posterior"] = D.SparseDist(self.post_ids[sl], self.post_probs[sl], self.post_tail[sl])
+            writer.add(rec, dists, self.entropy[sl])
+        writer.close({**source.meta, "probe": {"strategy": self.cfg.probe.strategy, "positions": int((self.n_t > 0).sum())}})
+
+
+def _seed(key: str, seed: int) -> int:
+    return (int(key, 16) + seed) % 2**31
+
+
+class Budget:
+    """The ledger plus what requests in flight may still spend; says when the next one would pass the budget."""
+
+    def __init__(self, limit: int | None, ledger: Ledger):
+        self.limit, self.ledger, self.reserved, self.reached = limit, ledger, 0, False
+
+    def take(self, tokens: int) -> bool:
+        if self.limit is not None and self.ledger.tokens + self.reserved + tokens > self.limit:
+            self.reached = True
+            return False
+        self.reserved += tokens
+        return True
+
+    def release(self, tokens: int) -> None:
+        self.reserved -= tokens
+
+
+def _bound(request: TeacherRequest) -> int:
+    """Most tokens a request can cost: prompt bytes (no token is shorter than a byte) plus the completions."""
+    prompt = sum(len(c.encode()) + 16 for _, c in request.messages or ()) + len((request.prefix or "").encode())
+    return prompt + request.n * request.max_tokens
+
+
+def ask(teacher: Teacher, jobs: list[tuple[object, TeacherRequest, str]], store: ResponseStore, budget: Budget,
+        teacher_name: str, failures: list) -> Iterator[tuple[object, list[dict]]]:  # fmt: skip
+    """(job id, samples) for each job: from the store when asked before, else from the teacher within
+    the budget. Jobs with the same key (positions with the same prompt and prefix) share one request."""
+    todo: dict[str, tuple[TeacherRequest, list]] = {}
+    for job, request, key in jobs:
+        if key in todo:
+            todo[key][1].append(job)
+            continue
+        if key not in store:
+            todo[key] = (request, [job])
+            continue
+        record = store.get(key)  # asked and paid for before: free now, but it counts against this budget
+        u = record["usage"]
+        if budget.limit is not None and budget.ledger.tokens + u["prompt_tokens"] + u["completion_tokens"] > budget.limit:
+            budget.reached = True
+            return
+        budget.ledger.add_record(record)
+        yield job, record["samples"]
+    keys = list(todo)
+    cost = [_bound(todo[k][0]) for k in keys]
+
+    def requests() -> Iterator[TeacherRequest]:
+        for j, key in enumerate(keys):
+            if not budget.take(cost[j]):
+                return
+            yield todo[key][0]
+
+    for j, result in teacher.stream(requests()):
+        budget.release(cost[j])
+        key = keys[j]
+        request, waiting = todo[key]
+        if isinstance(result, TeacherError):
+            failures.append({"key": key, "prefix": request.prefix, "reason": str(result), "status": result.status})
+            continue
+        call = content_key(key, "call")
+        usage = {"prompt_tokens": result.usage.prompt_tokens, "completion_tokens": result.usage.completion_tokens}
+        samples = [{"text": ch.text, "finish_reason": ch.finish_reason} for ch in result.choices]
+        store.append({"key": key, "messages": request.message_dicts(), "prefix": request.prefix, "samples": samples,
+                      "usage": usage, "call": call, "teacher": teacher_name})  # fmt: skip
+        budget.ledger.add(teacher_name, call, usage["prompt_tokens"], usage["completion_tokens"])
+        for job in waiting:
+            yield job, samples
+
+
+def probe(prober: Prober, teacher: Teacher, store: ResponseStore, budget: Budget, strategy: str,
+          on_round: Callable[[dict], None] | None = None, progress: bool = True) -> dict:  # fmt: skip
+    """Query in rounds until the budget or the candidates run out; returns the counts of what happened."""
+    p = prober.cfg.probe
+    failures: list[dict] = []
+    trace: list[dict] = []
+    whole_q: Counter = Counter()
+    train_prompts = sorted({pid for r, pid in enumerate(prober.prompt_ids) if prober.train[prober.starts[r]]}
+                           if len(prober.tokens) else set())  # fmt: skip
+    prompt_order = list(prober.rng.permutation(train_prompts)) if train_prompts else []
+    bar = tqdm(total=budget.limit, desc=f"probe ({strategy})", unit="tok", dynamic_ncols=True, disable=not progress)
+    queries = 0
+    while not budget.reached:
+        if strategy == "whole":
+            if not prompt_order:
+                break
+            picked = [prompt_order[(len(trace) * p.round_size + i) % len(prompt_order)] for i in range(p.round_size)]
+            jobs = []
+            for pid in picked:
+                jobs.append((pid, *prober.whole_request(pid, whole_q[pid])))
+                whole_q[pid] += 1
+            absorb = prober.absorb_whole
+        else:
+            picked = prober.select(strategy, p.round_size)
+            if len(picked) == 0:
+                break
+            jobs = [(int(g), *prober.prefix_request(int(g))) for g in picked]
+            absorb = prober.absorb_prefix
+        touched: list[int] = []
+        answered = 0
+        for job, samples in ask(teacher, jobs, store, budget, prober.teacher_name, failures):
+            touched += absorb(job, samples)
+            answered += 1
+        queries += answered
+        if touched:
+            prober.update(touched)
+        entry = {"round": len(trace) + 1, "tokens": budget.ledger.tokens, "queries": queries,
+                 "positions": int((prober.n_t > 0).sum()), "samples": int(prober.n_t.sum())}  # fmt: skip
+        trace.append(entry)
+        bar.n = min(budget.ledger.tokens, budget.limit or budget.ledger.tokens)
+        bar.set_postfix(positions=entry["positions"], refresh=True)
+        if on_round is not None:
+            on_round(entry)
+        if answered == 0:
+            break  # every request failed or the budget allows none: nothing more will happen
+    bar.close()
+    return {"trace": trace, "failures": failures}
+
+
+def run_probe(cfg: Config, run: Run, force: bool = False) -> dict | None:
+    p = cfg.probe
+    if p.budget_tokens is None:
+        return {"off": "probe.budget_tokens is not set; the students train on posterior/targets"}
+    corpus = load_corpus(cfg, run)
+    source = TargetStore.open(run.output("posterior", "targets"))
+    source.check(corpus.tokenizer_fp, corpus.corpus_fp)
+    stage_cfg = {"probe": asdict(p), "posterior": asdict(cfg.posterior), "sampling": asdict(cfg.collect)}
+    inputs = {"corpus": corpus.corpus_fp, "posterior": (run.manifest("posterior") or {}).get("fingerprint", ""),
+              "teacher": cfg.teacher.key_name}  # fmt: skip
+    out = run.begin("probe", stage_cfg, inputs, force, keep_outputs=True)  # the store survives: nothing is paid twice
+    if out is None:
+        return None
+    from bayeskd.models import load_causal_lm
+    from bayeskd.stages.collect import build_teacher
+
+    prober = Prober(cfg, corpus, load_prior(cfg, run), load_causal_lm(str(run.output("proxy", "final"))), source,
+                    cfg.teacher.key_name)  # fmt: skip
+    store = ResponseStore(out / "store", flush_every=cfg.collect.flush_every)
+    teacher = build_teacher(cfg.teacher)
+    strategy, fallback = p.strategy, False
+    if strategy != "whole" and not teacher.supports_prefix:
+        print(FALLBACK.format(name=cfg.teacher.key_name, via=cfg.teacher.prefix_via, samples=p.samples))
+        strategy, fallback = "whole", True
+    budget = Budget(p.budget_tokens, Ledger(price=cfg.collect.price))  # what this run spends, replayed answers included
+    try:
+        result = probe(prober, teacher, store, budget, strategy)
+    finally:
+        store.close()
+        teacher.close()
+        write_json_atomic(out / "ledger.json", budget.ledger.to_dict())
+    with open(out / "trace.jsonl", "w") as f:
+        f.writelines(json.dumps(e) + "\n" for e in result["trace"])
+    prober.write(out / "targets", source)
+    train = prober.train
+    summary = {
+        "strategy": strategy,
+        "fallback_to_whole": fallback,
+        "tokens": budget.ledger.tokens,
+        "budget_tokens": p.budget_tokens,
+        "budget_reached": budget.reached,
+        "queries": result["trace"][-1]["queries"] if result["trace"] else 0,
+        "failures": len(result["failures"]),
+        "positions_probed": int((prober.n_t > 0).sum()),
+        "share_of_training_positions": float((prober.n_t[train] > 0).mean()) if train.any() else 0.0,
+        "teacher_samples": int(prober.n_t.sum()),
+        "mean_entropy_before": float(prober.entropy_before[train].mean()) if train.any() else 0.0,
+        "mean_entropy_after": float(prober.entropy[train].mean()) if train.any() else 0.0,
+    }
+    run.finish("probe", "done", summary, {"targets": corpus.tokenizer_fp})
+    return summary
