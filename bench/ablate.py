@@ -1,0 +1,153 @@
+"""Which prior and posterior settings estimate the teacher best: the fidelity of the posterior
+over a grid of n-gram order, mu and M, on a finished run (method.md, sections 1-2 and 5).
+
+    HF_HUB_OFFLINE=1 python bench/ablate.py --config bench/claim.yaml --run runs/claim/seed0 [--positions 800]
+
+For up to --positions response positions in each setting (`train`: training prompts, the
+prior's counts with the scored sequence left out when prior.leave_one_out, and also left in;
+`heldout`: held-out prompts), the teacher's true distribution (the oracle: evaluator only),
+the run's proxy and the prior's tables are evaluated once; then every (order, mu, M)
+combination is scored exactly, dense over the vocabulary: KL(p_T || p_post) for the
+posterior alone and with the teacher's top-k logprob evidence (where the corpus has it).
+M = 0 is the prior alone; M = inf is the proxy alone. Writes OUT/ablate.json and OUT/ablate.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def gather(cfg, run, corpus, teacher, proxy, heldout: bool, limit: int):
+    """Dense p_T, p_proxy, contexts, tokens and evidence at up to `limit` positions of one setting."""
+    import torch
+
+    from bayeskd import ngram
+    from bayeskd.evidence import EvidenceMapper
+    from bayeskd.stages.evaluate import _batches, _heldout, _logits
+    from bayeskd.stages.posterior import response_spans
+
+    indices = [i for i, pid in enumerate(corpus.dataset["prompt_id"]) if _heldout(cfg, pid) == heldout]
+    mapper = EvidenceMapper(corpus.tokenizer)
+    vocab = len(corpus.tokenizer)
+    out = {"p_t": [], "p_proxy": [], "ctx": [], "y": [], "ev_ids": [], "ev_p": []}
+    n = 0
+    for rows, batch, pos in _batches(corpus, indices, 8, f"ablate: {'heldout' if heldout else 'train'}"):
+        if n >= limit:
+            break
+        zt, zp = _logits(teacher, batch, pos), _logits(proxy, batch, pos)
+        for b, row in enumerate(rows):
+            y = batch["labels"][b, pos[b]].numpy()
+            ids = np.asarray(row["input_ids"])
+            out["ctx"].append(ngram.contexts(ids[: len(ids) - len(y)], y, 4, vocab))
+            out["y"].append(y)
+            out["p_t"].append(torch.softmax(zt[b] / max(cfg.collect.temperature, 1e-6), -1).double().numpy())
+            out["p_proxy"].append(torch.softmax(zp[b], -1).double().numpy())
+            record = corpus.records[row["index"]]
+            ev_ids = np.full((len(y), 21), -1, np.int64)
+            ev_p = np.zeros((len(y), 21))
+            if record.get("tokens"):
+                spans = response_spans(record, corpus.tokenizer, cfg.data.template, len(y))
+                e_ids, e_p = mapper.evidence(record["text"], record["tokens"], spans)
+                ev_ids[:, : e_ids.shape[1]], ev_p[:, : e_p.shape[1]] = e_ids, e_p
+            out["ev_ids"].append(ev_ids)
+            out["ev_p"].append(ev_p)
+            n += len(y)
+    return {k: np.concatenate(v)[:limit] for k, v in out.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="bench/claim.yaml")
+    parser.add_argument("--run", default="runs/claim/seed0")
+    parser.add_argument("--positions", type=int, default=800)
+    parser.add_argument("--orders", type=int, nargs="+", default=[2, 3])
+    parser.add_argument("--mus", type=float, nargs="+", default=[0.5, 2.0, 8.0, 32.0])
+    parser.add_argument("--ms", type=float, nargs="+", default=[0.0, 2.0, 8.0, 32.0, 128.0, float("inf")])
+    parser.add_argument("--out", default="bench/out/ablate")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.path.insert(0, str(ROOT / "src"))
+    from bayeskd import distributions as D
+    from bayeskd import metrics as M
+    from bayeskd import ngram
+    from bayeskd.artifacts import Run
+    from bayeskd.config import load_config
+    from bayeskd.models import load_causal_lm
+    from bayeskd.stages.corpus import load_corpus
+    from bayeskd.stages.oracle import load_oracle
+
+    run_dir = ROOT / args.run
+    cfg = load_config(args.config, [f"run_dir={run_dir}"])
+    run = Run(run_dir)
+    corpus = load_corpus(cfg, run)
+    teacher = load_oracle(cfg, corpus.tokenizer_fp)
+    proxy = load_causal_lm(str(run.output("proxy", "final")))
+    table = ngram.NGramTable.load(run.output("prior", "tables"))
+    vocab = len(corpus.tokenizer)
+    settings = {"heldout": (True, False), "train (leave-one-out)": (False, True), "train (own counts in)": (False, False)}
+    cache = {}
+    results = []
+    for name, (heldout, loo) in settings.items():
+        if heldout not in cache:
+            cache[heldout] = gather(cfg, run, corpus, teacher, proxy, heldout, args.positions)
+        g = cache[heldout]
+        cand = np.tile(np.arange(vocab), (len(g["y"]), 1))
+        has_ev = (g["ev_ids"] >= 0).any(1)
+        control = min(
+            (float(M.kl_dense(g["p_t"], lam * np.eye(vocab)[g["y"]] + (1 - lam) * g["p_proxy"]).mean()), lam)
+            for lam in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
+        )
+        for order in args.orders:
+            for mu in args.mus:
+                prior = ngram.NGramPrior(table, mu=mu, order=order)
+                ctx = g["ctx"]  # a lower order reads only its last order-1 columns
+                targets = g["y"] if loo else None
+                p_prior = prior.dense(ctx, targets=targets)
+                kappa = prior.query(ctx, 1, targets=targets).kappa
+                for m in args.ms:
+                    post = g["p_proxy"] if np.isinf(m) else D.expected(p_prior, g["p_proxy"], kappa, m)
+                    with_ev = D.apply_evidence(post, cand, g["ev_ids"], g["ev_p"]) if has_ev.any() else post
+                    results.append({
+                        "setting": name, "order": order, "mu": mu, "m": m, "positions": len(g["y"]),
+                        "kl": float(M.kl_dense(g["p_t"], post).mean()),
+                        "kl_with_logprobs": float(M.kl_dense(g["p_t"], with_ev).mean()),
+                        "control_kl": control[0], "control_lambda": control[1],
+                        "mean_kappa": float(kappa.mean()),
+                    })  # fmt: skip
+                print(f"{name}: order {order} mu {mu}: " + ", ".join(
+                    f"M={r['m']:g} {r['kl']:.3f}/{r['kl_with_logprobs']:.3f}" for r in results[-len(args.ms):]), flush=True)  # fmt: skip
+    out = ROOT / args.out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ablate.json").write_text(json.dumps(results, indent=2))
+    lines = []
+    for name in settings:
+        rows = [r for r in results if r["setting"] == name]
+        best = min(rows, key=lambda r: r["kl"])
+        best_ev = min(rows, key=lambda r: r["kl_with_logprobs"])
+        lines += [f"### {name} ({rows[0]['positions']} positions; one-hot+proxy control: KL {rows[0]['control_kl']:.3f} "
+                  f"at lambda {rows[0]['control_lambda']})", "",
+                  "KL(teacher ‖ posterior), without / with the teacher's top-k logprobs; rows: order, mu; columns: M "
+                  "(0 = prior alone, inf = proxy alone)", "",
+                  "| order | mu | " + " | ".join(f"M={m:g}" for m in args.ms) + " |",
+                  "|---|---|" + "---|" * len(args.ms)]  # fmt: skip
+        for order in args.orders:
+            for mu in args.mus:
+                cells = [r for r in rows if r["order"] == order and r["mu"] == mu]
+                lines.append(f"| {order} | {mu:g} | " + " | ".join(f"{r['kl']:.3f} / {r['kl_with_logprobs']:.3f}" for r in cells) + " |")
+        lines += ["", f"Best without logprobs: order {best['order']}, mu {best['mu']:g}, M {best['m']:g}: {best['kl']:.3f}. "
+                  f"Best with: order {best_ev['order']}, mu {best_ev['mu']:g}, M {best_ev['m']:g}: {best_ev['kl_with_logprobs']:.3f}.", ""]  # fmt: skip
+    md = "\n".join(lines)
+    (out / "ablate.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
