@@ -97,9 +97,7 @@ def with_teacher_counts(
 
     `counts` [N, C] must hold all n_T samples on the candidates (make them candidates first).
     """
-    kappa = np.asarray(kappa, dtype=np.float64)[:, None]
-    n_t = counts.sum(1, keepdims=True)
-    return (kappa * prior + m * proxy + counts) / (kappa + m + n_t)
+    return add_counts(expected(prior, proxy, kappa, m), counts, np.asarray(kappa, dtype=np.float64) + m)
 
 
 def counts_on(cand_ids: np.ndarray, ids: np.ndarray, counts: np.ndarray) -> np.ndarray:

@@ -155,7 +155,6 @@ class LocalTeacher(Teacher):
         The same distribution `generate` samples from (temperature, then top-p, no top-k), without
         repeating the prompt n times.
         """
-        first = requests[0]
         enc = self.tokenizer([self.prompt_text(r) for r in requests], add_special_tokens=False, padding=True, return_tensors="pt")
         seeds = [r.seed for r in requests if r.seed is not None]
         gen = torch.Generator().manual_seed(int(content_key(seeds), 16) % (2**63)) if seeds else None
