@@ -273,7 +273,8 @@ class DataConfig:
     """Train on only the first N training prompts, in corpus order (null: all). The held-out
     prompts stay as they are: for learning curves over the corpus size on one evaluation set."""
     samples: int | None = None
-    """Use only the first N samples of each prompt (null: all that `collect` has)."""
+    """Train on only the first N samples of each prompt (null: all that `collect` has); the
+    held-out prompts keep all theirs."""
 
     def validate(self, path: str) -> None:
         _check(self.max_length >= 8, f"{path}.max_length", self.max_length, "must be >= 8")

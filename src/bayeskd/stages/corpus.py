@@ -46,7 +46,7 @@ def select_records(records: list[dict], cfg: Config) -> list[dict]:
     """`data.samples` and `data.train_prompts`: a smaller training corpus, the same held-out set."""
     d = cfg.data
     if d.samples is not None:
-        records = [r for r in records if r.get("sample_index", 0) < d.samples]
+        records = [r for r in records if r.get("sample_index", 0) < d.samples or is_heldout(r["prompt_id"], d.heldout_fraction)]
     if d.train_prompts is not None:
         kept: set[str] = set()
         for r in records:
