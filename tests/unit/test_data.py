@@ -188,3 +188,20 @@ def test_heldout_split_is_deterministic_and_disjoint_by_prompt(tok, corpus_recor
     share = sum(is_heldout(p, 0.1) for p in ids) / len(ids)
     assert 0.08 < share < 0.12
     assert split_heldout(dataset, 0.0)[1].num_rows == 0 and split_heldout(dataset, 1.0)[0].num_rows == 0
+
+
+def test_corpus_selection_cuts_training_prompts_and_samples_but_keeps_the_heldout_set():
+    from bayeskd.config import Config, DataConfig
+    from bayeskd.data import is_heldout
+    from bayeskd.stages.corpus import select_records
+
+    records = [{"prompt_id": f"p{i}", "sample_index": s, "text": "x"} for i in range(40) for s in range(3)]
+    cfg = Config(data=DataConfig(heldout_fraction=0.25, train_prompts=5, samples=2))
+    kept = select_records(records, cfg)
+    held = [r for r in records if is_heldout(r["prompt_id"], 0.25)]
+    assert held and all(r in kept for r in held)  # every held-out sample stays
+    train = [r for r in kept if not is_heldout(r["prompt_id"], 0.25)]
+    train_ids = [r["prompt_id"] for r in records if not is_heldout(r["prompt_id"], 0.25)]
+    assert {r["prompt_id"] for r in train} == set(list(dict.fromkeys(train_ids))[:5])  # the first five, in corpus order
+    assert sorted({r["sample_index"] for r in train}) == [0, 1] and len(train) == 10
+    assert select_records(records, Config()) == records
