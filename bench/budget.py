@@ -16,8 +16,9 @@ one budget, and the end effect on the `bayes` student (method.md, section 2).
    all training positions. The teacher's true distribution comes from the oracle (the same
    open model), used by this evaluator only. Held-out positions: probing changes no held-out
    target (its counts do not enter the n-gram tables), so their fidelity is the posterior's.
-3. The end effect: `bayes` students trained on the plain posterior and on the targets each
-   strategy left at the full budget (one seed), scored by `bayeskd eval`.
+3. The end effect: `bayes` students trained on the plain posterior and on the targets that
+   the strategies in --students (default: active) left at the full budget (one seed), scored
+   by `bayeskd eval`.
 
 Writes OUT/budget.json, OUT/budget.md and OUT/budget.png. Reruns replay stored answers.
 """
@@ -116,7 +117,8 @@ def main() -> None:
     parser.add_argument("--whole-samples", type=int, default=4, help="whole responses per request for `whole`")
     parser.add_argument("--whole-round", type=int, default=8, help="requests per round for `whole`")
     parser.add_argument("--out", default="bench/out/budget")
-    parser.add_argument("--skip-students", action="store_true")
+    parser.add_argument("--students", nargs="*", default=["active"], choices=STRATEGIES,
+                        help="strategies whose targets train a `bayes` student, beside the plain posterior's (none: no students)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.path.insert(0, str(ROOT / "src"))
@@ -153,9 +155,9 @@ def main() -> None:
     heldout = fidelity(p_t, prober, ~prober.train)
     teacher.close()
     students = {}
-    if not args.skip_students:
+    if args.students:
         students["posterior (no probes)"] = student(args, base, None, args.budget)
-        for strategy in STRATEGIES:
+        for strategy in args.students:
             students[strategy] = student(args, base, strategy, args.budget)
     record = {"budget_tokens": args.budget, "collect_tokens": (run.manifest("collect") or {}).get("summary", {}).get("tokens"),
               "samples_per_prefix_query": cfg.probe.samples, "whole_samples_per_request": args.whole_samples,
