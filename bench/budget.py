@@ -74,8 +74,8 @@ def fidelity(p_t: np.ndarray, prober, mask: np.ndarray) -> dict:
 
 
 def spend(cfg, corpus, prior, proxy, source, teacher, p_t, strategy: str, budget: int, out: Path) -> list[dict]:
-    from bayeskd.stages.probe import Budget, Prober, probe
-    from bayeskd.store import Ledger, ResponseStore
+    from bayeskd.stages.probe import Prober, probe
+    from bayeskd.store import Budget, Ledger, ResponseStore
 
     prober = Prober(cfg, corpus, prior, proxy, source, cfg.teacher.key_name)
     curve = [{"tokens": 0, **fidelity(p_t, prober, prober.train), "positions_probed": 0}]
@@ -87,7 +87,7 @@ def spend(cfg, corpus, prior, proxy, source, teacher, p_t, strategy: str, budget
 
     store = ResponseStore(out / strategy / "store")
     try:
-        probe(prober, teacher, store, Budget(budget, Ledger()), strategy, on_round=on_round, progress=False)
+        probe(prober, teacher, store, Budget(Ledger(), budget), strategy, on_round=on_round, progress=False)
     finally:
         store.close()
     return curve

@@ -142,13 +142,13 @@ def scaling(args, cfg, base: Path, first: int, overrides: list[str]) -> list[dic
     from bayeskd.artifacts import Run
     from bayeskd.config import load_config
     from bayeskd.stages.corpus import load_corpus
-    from bayeskd.stages.evaluate import score_estimates
+    from bayeskd.stages.evaluate import _heldout, score_estimates
     from bayeskd.stages.oracle import load_oracle
 
     full = seed_dir(base, first)
     full_cfg = load_config(args.config, [f"run_dir={full}", *overrides])
     n_train = len({r["prompt_id"] for r in load_corpus(full_cfg, Run(full)).records
-                   if not _is_heldout(full_cfg, r["prompt_id"])})  # fmt: skip
+                   if not _heldout(full_cfg, r["prompt_id"])})  # fmt: skip
     sizes = [(max(1, n_train // 4), 1), (max(1, n_train // 2), 1), (n_train, 1), (n_train, None)]
     results = []
     teacher = None
@@ -175,19 +175,13 @@ def scaling(args, cfg, base: Path, first: int, overrides: list[str]) -> list[dic
         if teacher is None:
             teacher = load_oracle(size_cfg, corpus.tokenizer_fp)
         train_tokens = sum(n for n, pid in zip(corpus.dataset["n_response"], corpus.dataset["prompt_id"])
-                           if not _is_heldout(size_cfg, pid))  # fmt: skip
+                           if not _heldout(size_cfg, pid))  # fmt: skip
         record = {"label": label, "train_prompts": prompts, "samples": samples or cfg.collect.n, "train_tokens": train_tokens,
                   "estimates": {s: score_estimates(size_cfg, run, corpus, teacher, heldout=s == "heldout")
                                 for s in ("train", "heldout")}}  # fmt: skip
         path.write_text(json.dumps(record, indent=2))
         results.append(record)
     return results
-
-
-def _is_heldout(cfg, prompt_id: str) -> bool:
-    from bayeskd.data import is_heldout
-
-    return is_heldout(prompt_id, cfg.data.heldout_fraction)
 
 
 def summarise(per_seed: dict[int, dict]) -> dict:

@@ -180,3 +180,39 @@ class Ledger:
             "cost": round(self.cost, 6),
             "price": {"prompt_per_1k": self.price.prompt_per_1k, "completion_per_1k": self.price.completion_per_1k},
         }
+
+
+def prompt_token_bound(messages: list[dict], prefix: str | None = None) -> int:
+    """Most tokens a prompt can cost: the teacher's tokenizer is unknown, but no token is shorter
+    than a byte; plus a chat-template allowance per message."""
+    return sum(len(m["content"].encode()) + 16 for m in messages) + len((prefix or "").encode())
+
+
+class Budget:
+    """A ledger and its caps, with the tokens that requests in flight may still spend reserved.
+
+    `take(tokens)` reserves a request's most expensive outcome before it is sent and says
+    whether it still fits under `budget_tokens` and `budget_cost` (extra tokens priced as
+    completion tokens: pessimistic); `release` returns the reservation once the ledger has
+    the real usage.
+    """
+
+    def __init__(self, ledger: Ledger, budget_tokens: int | None = None, budget_cost: float | None = None):
+        self.ledger, self.budget_tokens, self.budget_cost = ledger, budget_tokens, budget_cost
+        self.reserved, self.reached = 0, False
+
+    def fits(self, tokens: int) -> bool:
+        extra = self.reserved + tokens
+        if self.budget_tokens is not None and self.ledger.tokens + extra > self.budget_tokens:
+            return False
+        return self.budget_cost is None or self.ledger.cost + self.ledger.cost_of(0, extra) <= self.budget_cost
+
+    def take(self, tokens: int) -> bool:
+        if not self.fits(tokens):
+            self.reached = True
+            return False
+        self.reserved += tokens
+        return True
+
+    def release(self, tokens: int) -> None:
+        self.reserved -= tokens

@@ -55,6 +55,10 @@ def test_overrides_are_parsed_as_yaml():
         ("collect.price=7", "collect.price=7: expected a mapping"),
         ("collect.max_tokens", "expected key=value"),
         ("collect.max_tokens.x=1", "collect.max_tokens={'x': 1}: expected an integer"),
+        ("serve.faults.drop=1.5", "serve.faults.drop=1.5: must be in [0, 1]"),
+        ("serve.faults.slow=-0.1", "serve.faults.slow=-0.1: must be in [0, 1]"),
+        ("serve.faults.slow_s=0", "serve.faults.slow_s=0.0: must be > 0"),
+        ("serve.faults.bogus=1", "unknown key serve.faults.bogus"),
     ],
 )
 def test_bad_values_name_the_field(override, message):

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from bayeskd.artifacts import Run, fingerprint_file, write_json_atomic
 from bayeskd.config import CollectConfig, Config
 from bayeskd.errors import BayeskdError
-from bayeskd.store import Ledger, ResponseStore
+from bayeskd.store import Budget, Ledger, ResponseStore, prompt_token_bound
 from bayeskd.teachers import build_teacher
 from bayeskd.teachers.base import TeacherError, TeacherRequest, TeacherResponse, content_key
 
@@ -127,30 +127,27 @@ def run_collect(cfg: Config, run: Run, force: bool = False) -> dict | None:
     todo = [(i, [s for s in range(c.n) if keys[i][s] not in store]) for i in range(len(prompts))]
     todo = [(i, missing) for i, missing in todo if missing]
     # Tokens a request may spend at most, reserved against the budget while it is in flight.
-    # The teacher's tokenizer is unknown, so a prompt is bounded by its UTF-8 bytes (no token
-    # is shorter than a byte) plus a chat-template allowance per message.
-    estimate = [len(m) * c.max_tokens + _prompt_token_bound(prompts[i]["messages"]) for i, m in todo]
+    estimate = [len(m) * c.max_tokens + prompt_token_bound(prompts[i]["messages"]) for i, m in todo]
     total = len(prompts) * c.n
     stats = {"requests": 0, "retries": 0, "failures": 0, "cut_short": 0, "budget_reached": False, "store_repaired": store.repaired}
     failures: list[dict] = []
 
     teacher = build_teacher(cfg.teacher) if todo else None
     bar = tqdm(total=total, initial=total - sum(len(m) for _, m in todo), desc="collect", unit="resp", dynamic_ncols=True)
-    reserved = {"tokens": 0}
+    budget = Budget(ledger, c.budget_tokens, c.budget_cost)
 
     def requests() -> Iterator[TeacherRequest]:
         for j, (i, missing) in enumerate(todo):
-            if _over_budget(c, ledger, reserved["tokens"] + estimate[j]):
+            if not budget.take(estimate[j]):
                 stats["budget_reached"] = True
                 return
-            reserved["tokens"] += estimate[j]
             stats["requests"] += 1
             yield request_for(prompts[i], c, len(missing))
 
     try:
         for j, result in teacher.stream(requests()) if teacher else ():
             i, missing = todo[j]
-            reserved["tokens"] -= estimate[j]
+            budget.release(estimate[j])
             if isinstance(result, TeacherError):
                 stats["failures"] += 1
                 failures.append({"prompt_id": prompts[i]["id"], "keys": [keys[i][s] for s in missing],
@@ -187,19 +184,6 @@ def run_collect(cfg: Config, run: Run, force: bool = False) -> dict | None:
     done = n_records == total
     run.finish("collect", "done" if done else "partial", summary, {"corpus": fingerprint_file(out / CORPUS)})
     return summary
-
-
-def _prompt_token_bound(messages: list[dict]) -> int:
-    return sum(len(m["content"].encode()) + 16 for m in messages)
-
-
-def _over_budget(c: CollectConfig, ledger: Ledger, extra_tokens: int) -> bool:
-    if c.budget_tokens is not None and ledger.tokens + extra_tokens > c.budget_tokens:
-        return True
-    if c.budget_cost is not None:
-        # Pessimistic: price the extra tokens as completion tokens.
-        return ledger.cost + ledger.cost_of(0, extra_tokens) > c.budget_cost
-    return False
 
 
 def _save(store, ledger, teacher_name, prompt, missing, keys, response: TeacherResponse) -> None:

@@ -55,7 +55,7 @@ from bayeskd.distributions import PAD
 from bayeskd.evidence import EvidenceMapper
 from bayeskd.stages.corpus import TokenizedCorpus, load_corpus
 from bayeskd.stages.posterior import SETS, estimate, load_prior, response_spans
-from bayeskd.store import Ledger, ResponseStore
+from bayeskd.store import Budget, Ledger, ResponseStore, prompt_token_bound
 from bayeskd.targets import TargetStore, TargetWriter
 from bayeskd.teachers.base import Teacher, TeacherError, TeacherRequest, content_key
 
@@ -105,7 +105,7 @@ class Prober:
         self.post_ids, self.post_probs = np.concatenate(ids), np.concatenate(probs)
         self.post_tail, self.entropy = np.concatenate(tail), np.concatenate(ent)
         self.entropy_before = self.entropy.copy()
-        self.mapper = EvidenceMapper(self.tok) if cfg.posterior.use_logprobs else None
+        self.mapper = EvidenceMapper(self.tok)
         self._spans: dict[int, list] = {}
         self._evidence: dict[int, tuple | None] = {}
         self.uncovered = np.ones(len(self.tokens))
@@ -136,7 +136,7 @@ class Prober:
     def evidence(self, r: int):
         if r not in self._evidence:
             rec = self.record(r)
-            ok = self.mapper is not None and rec.get("tokens")
+            ok = self.cfg.posterior.use_logprobs and rec.get("tokens")
             self._evidence[r] = self.mapper.evidence(rec["text"], rec["tokens"], self.spans(r)) if ok else None
         return self._evidence[r]
 
@@ -191,13 +191,8 @@ class Prober:
     def student_token(self, text: str, finish: str) -> int:
         """The first student token of a continuation; the end of the turn when it stopped at once."""
         if text:
-            return self.mapper_or_new().student_first(text)[0]
+            return self.mapper.student_first(text)[0]
         return self.tok.eos_token_id if finish == "stop" else PAD
-
-    def mapper_or_new(self) -> EvidenceMapper:
-        if self.mapper is None:
-            self.mapper = EvidenceMapper(self.tok)
-        return self.mapper
 
     def absorb_prefix(self, g: int, samples: list[dict]) -> list[int]:
         ids = [self.student_token(s["text"], s["finish_reason"]) for s in samples]
@@ -281,27 +276,9 @@ def _seed(key: str, seed: int) -> int:
     return (int(key, 16) + seed) % 2**31
 
 
-class Budget:
-    """The ledger plus what requests in flight may still spend; says when the next one would pass the budget."""
-
-    def __init__(self, limit: int | None, ledger: Ledger):
-        self.limit, self.ledger, self.reserved, self.reached = limit, ledger, 0, False
-
-    def take(self, tokens: int) -> bool:
-        if self.limit is not None and self.ledger.tokens + self.reserved + tokens > self.limit:
-            self.reached = True
-            return False
-        self.reserved += tokens
-        return True
-
-    def release(self, tokens: int) -> None:
-        self.reserved -= tokens
-
-
 def _bound(request: TeacherRequest) -> int:
-    """Most tokens a request can cost: prompt bytes (no token is shorter than a byte) plus the completions."""
-    prompt = sum(len(c.encode()) + 16 for _, c in request.messages or ()) + len((request.prefix or "").encode())
-    return prompt + request.n * request.max_tokens
+    """Most tokens a request can cost: its prompt and prefix, bounded by their bytes, plus the completions."""
+    return prompt_token_bound(request.message_dicts(), request.prefix) + request.n * request.max_tokens
 
 
 def ask(teacher: Teacher, jobs: list[tuple[object, TeacherRequest, str]], store: ResponseStore, budget: Budget,
@@ -318,7 +295,7 @@ def ask(teacher: Teacher, jobs: list[tuple[object, TeacherRequest, str]], store:
             continue
         record = store.get(key)  # asked and paid for before: free now, but it counts against this budget
         u = record["usage"]
-        if budget.limit is not None and budget.ledger.tokens + u["prompt_tokens"] + u["completion_tokens"] > budget.limit:
+        if not budget.fits(u["prompt_tokens"] + u["completion_tokens"]):
             budget.reached = True
             return
         budget.ledger.add_record(record)
@@ -356,10 +333,9 @@ def probe(prober: Prober, teacher: Teacher, store: ResponseStore, budget: Budget
     failures: list[dict] = []
     trace: list[dict] = []
     whole_q: Counter = Counter()
-    train_prompts = sorted({pid for r, pid in enumerate(prober.prompt_ids) if prober.train[prober.starts[r]]}
-                           if len(prober.tokens) else set())  # fmt: skip
+    train_prompts = sorted({prober.prompt_ids[r] for r in np.unique(prober.row_of[prober.train])})
     prompt_order = list(prober.rng.permutation(train_prompts)) if train_prompts else []
-    bar = tqdm(total=budget.limit, desc=f"probe ({strategy})", unit="tok", dynamic_ncols=True, disable=not progress)
+    bar = tqdm(total=budget.budget_tokens, desc=f"probe ({strategy})", unit="tok", dynamic_ncols=True, disable=not progress)
     queries = 0
     while not budget.reached:
         if strategy == "whole":
@@ -388,7 +364,7 @@ def probe(prober: Prober, teacher: Teacher, store: ResponseStore, budget: Budget
         entry = {"round": len(trace) + 1, "tokens": budget.ledger.tokens, "queries": queries,
                  "positions": int((prober.n_t > 0).sum()), "samples": int(prober.n_t.sum())}  # fmt: skip
         trace.append(entry)
-        bar.n = min(budget.ledger.tokens, budget.limit or budget.ledger.tokens)
+        bar.n = min(budget.ledger.tokens, budget.budget_tokens or budget.ledger.tokens)
         bar.set_postfix(positions=entry["positions"], refresh=True)
         if on_round is not None:
             on_round(entry)
@@ -422,7 +398,7 @@ def run_probe(cfg: Config, run: Run, force: bool = False) -> dict | None:
     if strategy != "whole" and not teacher.supports_prefix:
         print(FALLBACK.format(name=cfg.teacher.key_name, via=cfg.teacher.prefix_via, samples=p.samples))
         strategy, fallback = "whole", True
-    budget = Budget(p.budget_tokens, Ledger(price=cfg.collect.price))  # what this run spends, replayed answers included
+    budget = Budget(Ledger(price=cfg.collect.price), p.budget_tokens)  # what this run spends, replayed answers included
     try:
         result = probe(prober, teacher, store, budget, strategy)
     finally:
