@@ -1,4 +1,4 @@
-"""Hierarchical Dirichlet n-gram prior over tokenized teacher responses (numpy only).
+"""Hierarchical Dirichlet n-gram prior over tokenized teacher responses (numpy; no torch).
 
 A corpus is a list of documents ``(prefix_ids, response_ids)``; only response tokens are
 targets. The context of response token t is the last n-1 tokens of
@@ -23,7 +23,10 @@ with ``mmap_mode='r'``; ``meta.json`` holds order, vocab size, total tokens and 
 Queries are exact and never build [B, V] arrays: level by level, the top-K of p_k(. | h_k)
 lies in succ(h_k) united with the top-K of p_{k-1}(. | h_{k-1}) (a word with N(h_k, w) = 0
 has p_k = mu p_{k-1} / (N(h_k) + mu)), computed once per distinct context in a batch and
-cached across calls for one-token contexts and contexts with many successors.
+cached across calls for one-token contexts and contexts with many successors. Counting,
+merging and linking are vectorised numpy; the per-context top-K and the probability lookups
+are compiled loops (``ngram_kernels``, numba, imported by queries only) run on slices of a
+batch in threads.
 """
 
 from __future__ import annotations
@@ -34,17 +37,18 @@ import os
 import shutil
 import struct
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-FORMAT, VERSION = "bayeskd.ngram", 1
+FORMAT, VERSION = "bayeskd.ngram", 2
 _FIELDS = ("ctx", "ctx_count", "offsets", "tok", "count")
 _PACK_BITS = 64  # width of the packed (context, token) sort key; tests lower it to hit the fallback
 _HEADER = 128  # bytes reserved for the header of a .npy file written in pieces
-_TOP_T = 256  # queries first try a row with more successors than this on its _TOP_T most frequent ones
+_DENSE_ROWS = 64  # linking gathers from dense maps when a chunk's suffixes span at most this many rows
+_MIN_SLICE = 512  # queries give a thread at least this many contexts or pairs; tests lower it
 
 Docs = Iterable[tuple[Sequence[int], Sequence[int]]]
 
@@ -67,6 +71,15 @@ def _ragged_arange(lens: np.ndarray) -> np.ndarray:
     """[0..lens[0]), [0..lens[1]), ... concatenated (int64 [sum(lens)])."""
     lens = np.asarray(lens, np.int64)
     return np.arange(int(lens.sum()), dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
+
+
+def _frozen(a: np.ndarray, dtype) -> np.ndarray:
+    """A read-only ndarray view of ``a`` (memory maps stay mapped), converted only if its dtype
+    differs."""
+    v = np.asarray(a)
+    v = (v.astype(dtype) if v.dtype != dtype else v).view()
+    v.flags.writeable = False
+    return v
 
 
 def _run_starts(a: np.ndarray) -> np.ndarray:
@@ -156,13 +169,17 @@ class OrderCounts:
     """Counts at order k (contexts of length k-1) in CSR form.
 
     ctx [C] uint64 sorted packed contexts; ctx_count [C] N(h); offsets [C+1] int64;
-    tok [M] int32 successors (sorted within a row); count [M] N(h, w)."""
+    tok [M] int32 successors (sorted within a row); count [M] N(h, w); low [M] int32/int64
+    (set by linking; empty at order 1): the index of each n-gram's suffix (its context without
+    the oldest token, same w) in order k-1's arrays, so that lower-order counts of a successor
+    are one read away."""
 
     ctx: np.ndarray
     ctx_count: np.ndarray
     offsets: np.ndarray
     tok: np.ndarray
     count: np.ndarray
+    low: np.ndarray | None = None
 
 
 def _group(ctx: np.ndarray, tok: np.ndarray, ctx_bits: int, vocab_size: int,
@@ -222,13 +239,19 @@ class NGramTable:
 
     @property
     def nbytes(self) -> int:
-        return sum(getattr(o, f).nbytes for o in self.orders for f in _FIELDS)
+        return sum(getattr(o, f).nbytes for o in self.orders for f in _FIELDS) + sum(
+            o.low.nbytes for o in self.orders if o.low is not None)
+
+    @property
+    def linked(self) -> bool:
+        return all(o.low is not None for o in self.orders)
 
     def meta(self) -> dict:
         return {"format": FORMAT, "version": VERSION, "order": self.order,
                 "vocab_size": self.vocab_size, "bos": self.bos, "total_tokens": self.total_tokens,
                 "context_bits": _bits(self.vocab_size), "key_layout": "most recent token in the highest bits",
-                "contexts": [len(o.ctx) for o in self.orders], "ngrams": [len(o.tok) for o in self.orders]}
+                "contexts": [len(o.ctx) for o in self.orders], "ngrams": [len(o.tok) for o in self.orders],
+                "linked": self.linked}
 
     def save(self, folder: str | Path, first_order: int = 1) -> None:
         """Write ``order{k}.{field}.npy`` files and ``meta.json`` (written last) to ``folder``;
@@ -237,7 +260,7 @@ class NGramTable:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         for k, o in enumerate(self.orders, first_order):
-            for f in _FIELDS:
+            for f in _FIELDS + (("low",) if o.low is not None else ()):
                 np.save(folder / f"order{k}.{f}.npy", np.asarray(getattr(o, f)))
         if first_order == 1:
             (folder / "meta.json").write_text(json.dumps(self.meta(), indent=1))
@@ -248,17 +271,22 @@ class NGramTable:
         folder = Path(folder)
         meta = json.loads((folder / "meta.json").read_text())
         if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-            raise ValueError(f"{folder}: not a {FORMAT} v{VERSION} table")
+            raise ValueError(f"{folder}: not a {FORMAT} v{VERSION} table (found {meta.get('format')} "
+                             f"v{meta.get('version')}); rebuild it (`bayeskd prior --force`)")
         mode = "r" if mmap else None
         orders = [OrderCounts(*(np.load(folder / f"order{k}.{f}.npy", mmap_mode=mode) for f in _FIELDS))
                   for k in range(1, meta["order"] + 1)]
+        for k, o in enumerate(orders, 1):
+            if (folder / f"order{k}.low.npy").exists():
+                o.low = np.load(folder / f"order{k}.low.npy", mmap_mode=mode)
         return cls(meta["order"], meta["vocab_size"], meta["total_tokens"], orders, folder)
 
     def equals(self, other: NGramTable) -> bool:
-        """Same order, vocabulary, totals and counts (dtypes aside)."""
+        """Same order, vocabulary, totals, counts and (where both are linked) links, dtypes aside."""
         head = (self.order, self.vocab_size, self.total_tokens)
+        fields = _FIELDS + (("low",) if self.linked and other.linked else ())
         return head == (other.order, other.vocab_size, other.total_tokens) and all(
-            np.array_equal(getattr(a, f), getattr(b, f)) for a, b in zip(self.orders, other.orders) for f in _FIELDS)
+            np.array_equal(getattr(a, f), getattr(b, f)) for a, b in zip(self.orders, other.orders) for f in fields)
 
 
 def _count_orders(flat: FlatDocs, order: int, vocab_size: int) -> Iterator[OrderCounts]:
@@ -278,9 +306,71 @@ def _count_orders(flat: FlatDocs, order: int, vocab_size: int) -> Iterator[Order
 
 
 def count(docs: FlatDocs | Docs, order: int, vocab_size: int) -> NGramTable:
-    """Count orders 1..order of an in-memory shard, vectorised."""
+    """Count orders 1..order of an in-memory shard, vectorised, and link them."""
     flat = _as_flat(docs)
-    return NGramTable(order, vocab_size, flat.num_tokens, list(_count_orders(flat, order, vocab_size)))
+    return link(NGramTable(order, vocab_size, flat.num_tokens, list(_count_orders(flat, order, vocab_size))))
+
+
+# ----------------------------------------------------------------------------- linking
+
+
+def _link_chunk(hi: dict, lo: dict, r0: int, r1: int, vocab_size: int, dtype) -> np.ndarray:
+    """Links of the n-grams of rows r0..r1-1 of a higher order (arrays ``hi``) into the next
+    lower order (``lo``). The chunk's suffix contexts span a contiguous range of lower rows
+    (suffix keys do not decrease along the rows). Over a few lower rows, each row's tokens are
+    scattered into a dense position map and its n-grams gathered from it; over many, one
+    searchsorted of packed (suffix row, token) keys."""
+    bits, tb = np.uint64(_bits(vocab_size)), _tbits(vocab_size)
+    off = np.asarray(hi["offsets"][r0:r1 + 1])
+    srow = np.searchsorted(lo["ctx"], np.asarray(hi["ctx"][r0:r1]) >> bits)
+    s0, s1 = int(srow[0]), int(srow[-1]) + 1
+    lo_off = np.asarray(lo["offsets"][s0:s1 + 1])
+    tok = np.asarray(hi["tok"][off[0]:off[-1]])
+    if s1 - s0 <= _DENSE_ROWS:
+        pos, out = np.empty(vocab_size, dtype), np.empty(len(tok), dtype)
+        seg = off[np.searchsorted(srow, np.arange(s0, s1 + 1))] - off[0]  # n-grams whose suffix row is s
+        for i in range(s1 - s0):
+            pos[np.asarray(lo["tok"][lo_off[i]:lo_off[i + 1]])] = np.arange(lo_off[i], lo_off[i + 1], dtype=dtype)
+            out[seg[i]:seg[i + 1]] = pos[tok[seg[i]:seg[i + 1]]]
+        return out
+    hay = np.repeat(np.arange(s1 - s0, dtype=np.uint64), np.diff(lo_off)) << np.uint64(tb)
+    hay |= np.asarray(lo["tok"][lo_off[0]:lo_off[-1]]).astype(np.uint64)
+    needle = np.repeat((srow - s0).astype(np.uint64), np.diff(off)) << np.uint64(tb)
+    needle |= tok.astype(np.uint64)
+    return (np.searchsorted(hay, needle) + lo_off[0]).astype(dtype)
+
+
+def link(table: NGramTable, *, chunk_ngrams: int = 1 << 20, threads: int | None = None) -> NGramTable:
+    """Set each order's ``low`` (see OrderCounts) and return the table. A saved table
+    (``table.folder``) gets its links written there chunk by chunk, each chunk reading freshly
+    mapped arrays so that memory stays bounded, then mapped back, and ``meta.json`` rewritten."""
+    folder = table.folder
+    threads = max(int(threads or os.cpu_count() or 1), 1)
+    orders = table.orders
+    orders[0].low = np.zeros(0, np.int32)
+    if folder is not None:
+        np.save(folder / "order1.low.npy", orders[0].low)
+    for k in range(1, table.order):
+        name = f"order{k + 1}.low"
+        off = np.asarray(orders[k].offsets)
+        dt = np.int32 if len(orders[k - 1].tok) < 2**31 else np.int64
+        starts = np.searchsorted(off, np.arange(0, int(off[-1]), chunk_ngrams), side="right") - 1
+        cuts = np.unique(np.append(starts, len(off) - 1))
+
+        def one(r0: int, r1: int) -> np.ndarray:
+            return _link_chunk(_reopen(table, k), _reopen(table, k - 1), r0, r1, table.vocab_size, dt)
+
+        sink = _Sink(folder)
+        sink.add(name, np.zeros(0, dt))
+        with ThreadPoolExecutor(threads) as pool:
+            for a in range(0, len(cuts) - 1, threads):  # `threads` chunks at a time: memory stays bounded
+                for out in pool.map(one, cuts[a:a + threads], cuts[a + 1:a + threads + 1]):
+                    sink.add(name, out)
+        arr = sink.close(name)
+        orders[k].low = arr if folder is None else np.load(folder / f"{name}.npy", mmap_mode="r")
+    if folder is not None:
+        (folder / "meta.json").write_text(json.dumps(table.meta(), indent=1))
+    return table
 
 
 # ----------------------------------------------------------------------------- merging
@@ -330,11 +420,13 @@ def _bounds(parts: list[OrderCounts], chunk: int) -> np.ndarray:
     return np.unique(s[(np.arange(1, nchunks) * len(s)) // nchunks])
 
 
-def _sizes(folder: Path, order: int) -> tuple[list[int], list[int]]:
-    """Numbers of contexts and of n-grams per order of the arrays saved in ``folder``."""
-    n = [[int(np.load(folder / f"order{k}.{f}.npy", mmap_mode="r").shape[0]) for k in range(1, order + 1)]
-         for f in ("ctx", "tok")]
-    return n[0], n[1]
+def _write_meta(folder: Path, order: int, vocab_size: int, total: int) -> None:
+    """meta.json of the arrays saved in ``folder`` (sizes read from their headers)."""
+    meta = NGramTable(order, vocab_size, total, []).meta()
+    meta["contexts"], meta["ngrams"] = ([int(np.load(folder / f"order{k}.{f}.npy", mmap_mode="r").shape[0])
+                                         for k in range(1, order + 1)] for f in ("ctx", "tok"))
+    meta["linked"] = all((folder / f"order{k}.low.npy").exists() for k in range(1, order + 1))
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
 def _reopen(t: NGramTable, k: int) -> dict[str, np.ndarray]:
@@ -365,7 +457,7 @@ def merge(tables: Sequence[NGramTable], out: str | Path | None = None, *, chunk_
 
     Each order is merged in chunks of context-key ranges of about ``chunk_ngrams`` n-grams, so
     memory stays bounded by a chunk; with ``out`` the chunks stream to disk and the result is
-    returned memory-mapped."""
+    returned memory-mapped. The result is linked."""
     t0 = tables[0]
     if any((t.order, t.vocab_size) != (t0.order, t0.vocab_size) for t in tables):
         raise ValueError("tables differ in order or vocabulary size")
@@ -389,20 +481,16 @@ def merge(tables: Sequence[NGramTable], out: str | Path | None = None, *, chunk_
     arrays = {name: sink.close(name) for name in list(sink.parts) + list(sink.files)}
     if folder is None:
         orders = [OrderCounts(*(arrays[f"order{k}.{f}"] for f in _FIELDS)) for k in range(1, t0.order + 1)]
-        return NGramTable(t0.order, t0.vocab_size, total, orders)
-    meta = NGramTable(t0.order, t0.vocab_size, total, []).meta()
-    meta["contexts"], meta["ngrams"] = _sizes(folder, t0.order)
-    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
-    return NGramTable.load(folder)
+        return link(NGramTable(t0.order, t0.vocab_size, total, orders))
+    _write_meta(folder, t0.order, t0.vocab_size, total)
+    return link(NGramTable.load(folder))
 
 
 def _count_to(flat: FlatDocs, order: int, vocab_size: int, folder: Path) -> Path:
     """Count a shard into ``folder``, writing each order as soon as it is counted."""
     for k, o in enumerate(_count_orders(flat, order, vocab_size), 1):
         NGramTable(k, vocab_size, flat.num_tokens, [o]).save(folder, first_order=k)
-    meta = NGramTable(order, vocab_size, flat.num_tokens, []).meta()
-    meta["contexts"], meta["ngrams"] = _sizes(folder, order)
-    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+    _write_meta(folder, order, vocab_size, flat.num_tokens)
     return folder
 
 
@@ -422,7 +510,7 @@ def _shards(docs: Docs, shard_tokens: int) -> Iterator[FlatDocs]:
 def build(docs: Docs, order: int, vocab_size: int, out_folder: str | Path, *,
           shard_tokens: int = 4_000_000, num_workers: int = 1, chunk_ngrams: int = 1 << 21) -> NGramTable:
     """Count a corpus shard by shard (in ``num_workers`` processes), write the shards under
-    ``out_folder/shards``, merge them into ``out_folder`` and return the table memory-mapped.
+    ``out_folder/shards``, merge them into ``out_folder``, link it and return it memory-mapped.
 
     Workers are spawned: a script calling this with num_workers > 1 needs the usual
     ``if __name__ == "__main__":`` guard."""
@@ -463,6 +551,7 @@ def build(docs: Docs, order: int, vocab_size: int, out_folder: str | Path, *,
     if len(paths) == 1:
         for f in paths[0].iterdir():
             os.replace(f, out / f.name)
+        link(NGramTable.load(out))
     else:
         merge([NGramTable.load(p) for p in paths], out, chunk_ngrams=chunk_ngrams)
     shutil.rmtree(shard_dir)
@@ -498,113 +587,16 @@ class _Level:
     n_h: np.ndarray
 
 
-def _bisect(vals: np.ndarray, lo: np.ndarray, hi: np.ndarray, before) -> np.ndarray:
-    """Per element, the first index i in [lo, hi) with not before(vals[i]), where ``before``
-    (elementwise over all elements) is monotone, True then False, along each slice: a
-    vectorised bisection of ceil(log2(longest slice + 1)) steps."""
-    lo, hi = lo.astype(np.int64), hi.astype(np.int64)
-    if len(vals) == 0 or len(lo) == 0:
-        return lo
-    for _ in range(int((hi - lo).max(initial=0)).bit_length()):
-        mid = (lo + hi) >> 1
-        go = before(vals[np.minimum(mid, len(vals) - 1)]) & (lo < hi)
-        lo = np.where(go, mid + 1, lo)
-        hi = np.where(go, hi, mid)
-    return lo
-
-
-def _ragged_search(vals: np.ndarray, lo: np.ndarray, hi: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Per element, the index of w in the sorted slice vals[lo:hi], or -1."""
-    i = _bisect(vals, lo, hi, lambda v: v < w)
-    ok = i < hi
-    ok[ok] = vals[i[ok]] == w[ok]
-    return np.where(ok, i, -1)
-
-
-def _group_order(g: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Permutation sorting items by group g ascending, then value v descending: one argsort
-    of v, then one sort of packed (group, rank) keys."""
-    o = np.argsort(-v)
-    rank = np.empty(len(o), np.uint64)
-    rank[o] = np.arange(len(o), dtype=np.uint64)
-    key = (g.astype(np.uint64) << np.uint64(32)) | rank
-    key.sort()
-    return o[(key & np.uint64(0xFFFFFFFF)).astype(np.int64)]
-
-
-def _merge_top(pid: np.ndarray, pv: np.ndarray, dup: np.ndarray, si: np.ndarray, sw: np.ndarray,
-               sv: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per row r, the top-k of P_r (pid, pv [U, k], descending; entries where ``dup`` left
-    out) united with S_r (items of row si, token sw, value sv [S]). Needs |P_r| + |S_r| >= k.
-    Returns ids [U, k] int32 and values [U, k], descending."""
-    n = len(pid)
-    o = _group_order(si, sv)
-    si, sw, sv = si[o], sw[o], sv[o]
-    size = np.bincount(si, minlength=n)
-    start = np.cumsum(size) - size
-    rank_s = np.arange(len(si)) - start[si]
-    keep = rank_s < k  # only a row's k best S items can matter
-    si, sw, sv, rank_s = si[keep], sw[keep], sv[keep], rank_s[keep]
-    size = np.minimum(size, k)
-    start = np.cumsum(size) - size
-    base = np.arange(n) * k
-    cum = np.cumsum(dup, axis=1).ravel()  # dup items among a row's first j+1
-    before = _bisect(pv.ravel(), base[si], base[si] + k, lambda v: v > sv)  # P items > each S item
-    pos = rank_s + before - base[si] - np.where(before > base[si], cum[np.maximum(before - 1, 0)], 0)
-    m = pos < k
-    ids, vals = np.zeros((n, k), np.int32), np.zeros((n, k))
-    ids[si[m], pos[m]], vals[si[m], pos[m]] = sw[m], sv[m]
-    free = np.ones((n, k), bool)
-    free[si[m], pos[m]] = False
-    kept = ~dup & (np.cumsum(~dup, axis=1) <= free.sum(1, keepdims=True))  # P items fill the rest, in order
-    ids[free], vals[free] = pid[kept], pv[kept]
-    return ids, vals
-
-
-def _kth_largest(g: np.ndarray, c: np.ndarray, n: int, k: int) -> np.ndarray:
-    """Per group 0..n-1 the k-th largest of the counts c [P] of its items g [P] (0 when fewer)."""
-    inv = np.uint64(0xFFFFFFFF) - np.minimum(c, 0xFFFFFFFF).astype(np.uint64)
-    key = (g.astype(np.uint64) << np.uint64(32)) | inv
-    key.sort()
-    size = np.bincount(g, minlength=n)
-    at = np.minimum(np.cumsum(size) - size + k - 1, max(len(key) - 1, 0))
-    kth = np.float64(0xFFFFFFFF) - (key[at] & np.uint64(0xFFFFFFFF)).astype(np.float64) if len(key) else np.zeros(n)
-    return np.where(size >= k, kth, 0.0)
-
-
-def _top_index(o: OrderCounts, t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For the rows with more than t successors: rows [H] (sorted), the positions (into tok and
-    count) of their t most frequent successors [H, t], and the largest other count [H] (an
-    upper bound, inf when counts reach 2^23). One sort of packed (row, -count, index) keys,
-    in chunks of at most 2^22 n-grams and 2^16 rows."""
-    off = np.asarray(o.offsets)
-    lens = np.diff(off)
-    rows = np.flatnonzero(lens > t)
-    pos, rest = np.zeros((len(rows), t), np.int64), np.zeros(len(rows))
-    cum = np.cumsum(lens[rows])
-    cuts = np.searchsorted(cum, np.arange(1 << 22, cum[-1] if len(cum) else 0, 1 << 22))
-    cuts = np.unique(np.concatenate((cuts, np.arange(0, len(rows), 1 << 16), [len(rows)])))
-    cmax, eb = (1 << 23) - 1, max(int(lens.max(initial=1)).bit_length(), 1)  # eb + 23 + 16 <= 64 for V <= 2^24
-    for a, b in zip(cuts[:-1], cuts[1:]):
-        r, n = rows[a:b], lens[rows[a:b]]
-        e, rl = _ragged_arange(n), np.repeat(np.arange(b - a), n)
-        cnt = np.minimum(np.asarray(o.count[off[r][rl] + e]), cmax).astype(np.uint64)
-        key = (rl.astype(np.uint64) << np.uint64(23 + eb)) | ((cmax - cnt) << np.uint64(eb)) | e.astype(np.uint64)
-        key.sort()
-        top = (key[(np.cumsum(n) - n)[:, None] + np.arange(t + 1)] & np.uint64((1 << eb) - 1)).astype(np.int64)
-        top += off[r][:, None]
-        pos[a:b], rest[a:b] = top[:, :t], np.asarray(o.count[top[:, t]], np.float64)
-    rest[rest >= cmax] = np.inf
-    return rows, pos, rest
-
-
 class NGramPrior:
     """Batched queries of the hierarchical Dirichlet prior p_{n-1}(. | h) of a table.
 
     ``order`` (default: the table's) may be lower than the table's; contexts [B, m] need
-    m >= order-1 columns (oldest first) and only the last order-1 are used."""
+    m >= order-1 columns (oldest first) and only the last order-1 are used. ``threads``
+    (default: the CPU count) run the compiled loops on slices of a batch. An unlinked table
+    is linked first (see ``link``)."""
 
-    def __init__(self, table: NGramTable, mu: float, order: int | None = None, smoothing: str = "dirichlet") -> None:
+    def __init__(self, table: NGramTable, mu: float, order: int | None = None, smoothing: str = "dirichlet",
+                 threads: int | None = None) -> None:
         if smoothing != "dirichlet":
             raise ValueError(f"smoothing={smoothing!r}: only 'dirichlet' is implemented")
         self.order = table.order if order is None else int(order)
@@ -619,7 +611,15 @@ class NGramPrior:
         self._uni[np.asarray(uni.tok)] = uni.count
         self._rank = np.argsort(-self._uni, kind="stable").astype(np.int32)  # ids by N(w), descending
         self._cache: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        self._tops: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # per level, built on first use
+        self.threads = max(int(threads or os.cpu_count() or 1), 1)
+        from bayeskd import ngram_kernels  # numba: imported (and compiled, or read from its cache) by queries only
+
+        self._kernels = ngram_kernels
+        if not table.linked:
+            link(table)
+        dts = {"offsets": np.int64, "tok": np.int32}
+        dts |= {f: np.result_type(*(getattr(o, f).dtype for o in table.orders)) for f in ("count", "low")}
+        self._arrays = tuple(tuple(_frozen(getattr(o, f), dt) for o in table.orders) for f, dt in dts.items())
 
     def _levels(self, contexts: np.ndarray) -> list[_Level]:
         c = np.asarray(contexts)
@@ -650,83 +650,53 @@ class NGramPrior:
         lo = np.where(L.found[u], off[L.row[u]], 0)
         return lo, np.where(L.found[u], off[L.row[u] + 1], 0)
 
-    def _count(self, lv: list[_Level], j: int, u: np.ndarray, w: np.ndarray) -> np.ndarray:
-        """N(h_j, w) for pairs (level-j context index u [P], token w [P]); 0 when absent."""
-        o = self.table.orders[j]
-        lo, hi = self._slices(lv, j, u)
-        srt = np.argsort((lo.astype(np.uint64) << np.uint64(_tbits(self.V))) | w.astype(np.uint64))
-        idx = np.empty(len(w), np.int64)  # searched in (row, token) order: memory accesses stay local
-        idx[srt] = _ragged_search(o.tok, lo[srt], hi[srt], w[srt])
-        return np.where(idx >= 0, o.count[np.maximum(idx, 0)], 0).astype(np.float64)
+    def _chain(self, lv: list[_Level], j: int, u: np.ndarray, s: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows [U, j+1] int64 and normalisers [U, j+1] of level-j contexts u and their suffixes
+        (column i: the level-i suffix; -1 where unseen), as the kernels read them."""
+        rows, dens = np.full((len(u), j + 1), -1, np.int64), np.ones((len(u), j + 1))
+        for i in range(j, 0, -1):
+            L = lv[i]
+            rows[:, i] = np.where(L.found[u], L.row[u], -1)
+            dens[:, i] = L.n_h[u] - s + self.mu
+            u = L.parent[u]
+        return rows, dens
+
+    def _parallel(self, n: int, fn) -> None:
+        """fn(a, b) over slices [a, b) of n items, in up to ``threads`` threads (the kernels
+        release the GIL)."""
+        parts = min(self.threads, max(n // _MIN_SLICE, 1))
+        if parts == 1:
+            fn(0, n)
+            return
+        cuts = np.linspace(0, n, parts + 1).astype(np.int64)
+        with ThreadPoolExecutor(parts) as pool:
+            list(pool.map(fn, cuts[:-1], cuts[1:]))
 
     def _q(self, lv: list[_Level], j: int, u: np.ndarray, w: np.ndarray, s: int,
            dec: np.ndarray | None = None) -> np.ndarray:
-        """q_j(w | h_j) for pairs [P]: p_j with every normaliser shifted by -s and, where ``dec``,
-        the pair's own count removed (leave-one-out of target w)."""
-        chain = [u]
-        for i in range(j, 1, -1):
-            chain.append(lv[i].parent[chain[-1]])
-        d = 0.0 if dec is None else dec.astype(np.float64)
-        q = None
-        for i, ui in zip(range(0, j + 1), [None] + chain[::-1]):
-            cnt = self._uni[w] if i == 0 else self._count(lv, i, ui, w)
-            if dec is not None and np.any(cnt[dec] < 1):
-                raise ValueError("leave-one-out: some (context, target) pairs are not in the table")
-            if i == 0:
-                q = (cnt + 1 - d) / (self.N - s + self.V)
-            else:
-                q = (cnt - d + self.mu * q) / (lv[i].n_h[ui] - s + self.mu)
-        return q
+        """q_j(w | h_j) for pairs (level-j context index u [P], token w [P]): p_j with every
+        normaliser shifted by -s and, where ``dec``, the pair's own count removed (leave-one-out
+        of target w)."""
+        rows, dens = self._chain(lv, j, np.arange(len(lv[j].keys)), s)
+        u, w = np.ascontiguousarray(u, np.int64), np.ascontiguousarray(w, np.int64)
+        dec = np.zeros(len(w), bool) if dec is None else np.ascontiguousarray(dec, bool)
+        out, den0 = np.empty(len(w)), float(self.N - s + self.V)
+        self._parallel(len(w), lambda a, b: self._kernels.q_pairs(j, w[a:b], u[a:b], dec[a:b], rows, dens, *self._arrays,
+                                                      self._uni, den0, self.mu, out[a:b]))
+        if (out < 0).any():
+            raise ValueError("leave-one-out: some (context, target) pairs are not in the table")
+        return out
 
     def _extend(self, lv: list[_Level], j: int, u: np.ndarray, pid: np.ndarray, pq: np.ndarray,
-                k: int, s: int, index: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k of q_j for level-j contexts u [U] from their suffixes' top-k (pid, pq [U, k]).
-
-        Exact: a word outside succ(h_j) has q_j = mu q_{j-1} / D_j, so the top-k of q_j lies
-        in succ(h_j) united with the top-k of q_{j-1}. A successor outside the parent's top-k
-        with (count + mu q_{j-1,(k)}) below the row's k-th largest count cannot reach the top-k
-        either, so its q_{j-1} is never looked up. A row with many successors is first
-        tried on its _TOP_T most frequent ones (and the parent's top-k); that result stands
-        when its k-th value is at least (largest other count + mu q_{j-1,(k)}) / D_j, a bound
-        on every word left out, else the row is redone in full."""
-        o, L, n = self.table.orders[j], lv[j], len(u)
-        den = L.n_h[u] - s + self.mu
-        lo, hi = self._slices(lv, j, u)
-        if j not in self._tops:
-            self._tops[j] = _top_index(o, _TOP_T)
-        t_rows, t_pos, t_rest = self._tops[j]
-        h = np.minimum(np.searchsorted(t_rows, L.row[u]), max(len(t_rows) - 1, 0))
-        use = index and k < _TOP_T and len(t_rows) > 0
-        use = L.found[u] & (t_rows[h] == L.row[u]) if use else np.zeros(n, bool)
-        lens = np.where(use, 0, hi - lo)
-        gi = np.repeat(np.arange(n), lens)
-        g = _ragged_arange(lens) + lo[gi]
-        ui = np.flatnonzero(use)
-        if ui.size:  # listed frequent successors, plus parent's top items found among the others
-            pu = np.repeat(ui, k)
-            f = _ragged_search(o.tok, lo[pu], hi[pu], pid[ui].ravel())
-            f[(t_pos[h[pu]] == f[:, None]).any(1)] = -1
-            gi = np.concatenate((gi, np.repeat(ui, _TOP_T), pu[f >= 0]))
-            g = np.concatenate((g, t_pos[h[ui]].ravel(), f[f >= 0]))
-        gw = np.asarray(o.tok[g]).astype(np.int64)
-        dup, col = np.zeros((n, k), bool), np.full(len(gi), -1)  # parent's top items that are successors
-        for a in range(0, len(gi), 1 << 20):
-            eq = pid[gi[a:a + 1 << 20]] == gw[a:a + 1 << 20, None]
-            hit = np.flatnonzero(eq.any(1))
-            col[a + hit] = eq[hit].argmax(1)
-            dup[gi[a + hit], col[a + hit]] = True
-        cnt = np.asarray(o.count[g])
-        keep = (col >= 0) | (cnt + self.mu * pq[gi, k - 1] >= _kth_largest(gi, cnt, n, k)[gi])
-        gi, gw, col, cnt = gi[keep], gw[keep], col[keep], cnt[keep]
-        qp = np.where(col >= 0, pq[gi, col], 0.0)  # q_{j-1} of successors: known when in the parent's top
-        rest = np.flatnonzero(col < 0)
-        qp[rest] = self._q(lv, j - 1, L.parent[u][gi[rest]], gw[rest], s)
-        gq = (cnt + self.mu * qp) / den[gi]
-        ids, vals = _merge_top(pid, self.mu * pq / den[:, None], dup, gi, gw, gq, k)
-        redo = ui[vals[ui, k - 1] < (t_rest[h[ui]] + self.mu * pq[ui, k - 1]) / den[ui]]
-        if redo.size:
-            ids[redo], vals[redo] = self._extend(lv, j, u[redo], pid[redo], pq[redo], k, s, index=False)
-        return ids, vals
+                s: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k of q_j for level-j contexts u [U] from their suffixes' top-k (pid, pq [U, k])."""
+        rows, dens = self._chain(lv, j, u, s)
+        pid, pq = np.ascontiguousarray(pid, np.int32), np.ascontiguousarray(pq, np.float64)
+        ids, q = np.empty(pid.shape, np.int32), np.empty(pq.shape)
+        den0 = float(self.N - s + self.V)
+        self._parallel(len(u), lambda a, b: self._kernels.extend_top(j, rows[a:b], dens[a:b], pid[a:b], pq[a:b], *self._arrays,
+                                                           self._uni, den0, self.mu, ids[a:b], q[a:b]))
+        return ids, q
 
     def _top(self, lv: list[_Level], k: int, s: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k of q_{n-1}(. | h) for each distinct full context: ids [U, k], q [U, k], level
@@ -743,7 +713,7 @@ class NGramPrior:
             heavy = hi - lo > (4 * k if j > 1 else -1)  # all one-token contexts, then those with many successors
             hit = heavy & (ck[pos] == L.keys) if len(ck) else np.zeros(len(L.keys), bool)
             todo = np.flatnonzero(~hit)
-            t_ids, t_q = self._extend(lv, j, todo, ids[L.parent[todo]], q[L.parent[todo]], k, s)
+            t_ids, t_q = self._extend(lv, j, todo, ids[L.parent[todo]], q[L.parent[todo]], s)
             ids, q = np.zeros((len(L.keys), k), np.int32), np.zeros((len(L.keys), k))
             ids[hit], q[hit], ids[todo], q[todo] = cid[pos[hit]], cq[pos[hit]], t_ids, t_q
             new = heavy[todo]

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bayeskd import ngram
-from bayeskd.ngram import NGramPrior, NGramTable, build, contexts, corpus_contexts, count, merge, summary
+from bayeskd import ngram, ngram_kernels
+from bayeskd.ngram import NGramPrior, NGramTable, build, contexts, corpus_contexts, count, link, merge, summary
 
 # ----------------------------------------------------------------------------- reference
 
@@ -76,14 +76,15 @@ def corpora(draw, max_order=4):
 
 
 @contextmanager
-def small_top_t(t):
-    """Temporarily lower ngram._TOP_T (None: leave it)."""
-    old = ngram._TOP_T
-    ngram._TOP_T = old if t is None else t
+def min_slice(n):
+    """Temporarily lower ngram._MIN_SLICE (None: leave it), so that even tiny batches are split
+    across the prior's threads."""
+    old = ngram._MIN_SLICE
+    ngram._MIN_SLICE = old if n is None else n
     try:
         yield
     finally:
-        ngram._TOP_T = old
+        ngram._MIN_SLICE = old
 
 
 def check_batch(batch, refs, K):
@@ -160,6 +161,38 @@ def test_merge_equals_counting_at_once(case, data):
     assert merge(shards, chunk_ngrams=data.draw(st.integers(1, 4))).equals(whole)
 
 
+@given(corpora(), st.sampled_from([0, 64]), st.integers(1, 5))
+@settings(max_examples=40, deadline=None)
+def test_links_point_to_the_suffix_ngram(case, dense_rows, chunk):
+    """low[x] indexes the n-gram (context without its oldest token, same w) in the order below,
+    whichever way (dense maps or searchsorted) and in whatever chunks it was found."""
+    docs, n, V, _ = case
+    table, bits = count(docs, n, V), ngram._bits(V)
+    want = [np.array(o.low) for o in table.orders]
+    old = ngram._DENSE_ROWS
+    ngram._DENSE_ROWS = dense_rows
+    try:
+        link(table, chunk_ngrams=chunk, threads=2)
+    finally:
+        ngram._DENSE_ROWS = old
+    for k in range(1, n):
+        hi, lo = table.orders[k], table.orders[k - 1]
+        np.testing.assert_array_equal(hi.low, want[k])
+        lo_row = np.searchsorted(lo.offsets, hi.low, side="right") - 1
+        hi_row = np.repeat(np.arange(len(hi.ctx)), np.diff(hi.offsets))
+        np.testing.assert_array_equal(lo.tok[hi.low], hi.tok)
+        np.testing.assert_array_equal(lo.ctx[lo_row], hi.ctx[hi_row] >> np.uint64(bits))
+
+
+@given(st.lists(st.integers(0, 6), min_size=1, max_size=60), st.data())
+@settings(max_examples=60, deadline=None)
+def test_select_finds_the_order_statistic(values, data):
+    t = data.draw(st.integers(0, len(values) - 1))
+    a = np.array(values + [99.0], np.float64)  # a tail past n stays untouched
+    assert ngram_kernels._select(a, len(values), t) == sorted(values)[t]
+    assert sorted(a[:-1].tolist()) == sorted(values) and a[-1] == 99.0
+
+
 def test_merge_streams_to_disk_and_save_load_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     V, n = 50, 4
@@ -167,7 +200,7 @@ def test_merge_streams_to_disk_and_save_load_round_trip(tmp_path):
     whole = count(docs, n, V)
     whole.save(tmp_path / "whole")
     loaded = NGramTable.load(tmp_path / "whole")
-    assert isinstance(loaded.orders[2].tok, np.memmap) and loaded.equals(whole)
+    assert isinstance(loaded.orders[2].tok, np.memmap) and loaded.linked and loaded.equals(whole)
     assert NGramTable.load(tmp_path / "whole", mmap=False).equals(whole)
     for i in range(4):
         count(docs[i::4], n, V).save(tmp_path / f"s{i}")
@@ -199,8 +232,8 @@ def test_build_in_shards_equals_count(tmp_path, workers):
 def test_query_matches_reference(case, data):
     docs, n, V, mu = case
     counts = ref_counts(docs, n, V)
-    prior = NGramPrior(count(docs, n, V), mu=mu)
-    with small_top_t(data.draw(st.sampled_from([None, 2, 3]))):
+    prior = NGramPrior(count(docs, n, V), mu=mu, threads=data.draw(st.sampled_from([1, 3])))
+    with min_slice(data.draw(st.sampled_from([None, 1]))):
         _check_query(prior, docs, n, V, mu, counts, data)
 
 
@@ -224,8 +257,8 @@ def _check_query(prior, docs, n, V, mu, counts, data):
 @settings(max_examples=50, deadline=None)
 def test_leave_one_out_removes_exactly_one_count(case, data):
     docs, n, V, mu = case
-    prior = NGramPrior(count(docs, n, V), mu=mu)
-    with small_top_t(data.draw(st.sampled_from([None, 2, 3]))):
+    prior = NGramPrior(count(docs, n, V), mu=mu, threads=data.draw(st.sampled_from([1, 3])))
+    with min_slice(data.draw(st.sampled_from([None, 1]))):
         _check_loo(prior, docs, n, V, mu, data)
 
 
@@ -254,17 +287,17 @@ def test_lower_order_prior_and_leave_one_out_checks():
         NGramPrior(table, mu=mu, order=5)
 
 
-@pytest.mark.parametrize("top_t", [None, 18, 40])
-def test_query_at_realistic_sizes_matches_dense(top_t):
-    """Many successors per context; small _TOP_T makes queries try frequent successors first
-    (and redo the rows whose bound fails)."""
+@pytest.mark.parametrize("threads", [1, 2])
+def test_query_at_realistic_sizes_matches_dense(threads):
+    """Many successors per context (the kernel prunes successors by the row's k-th count), a
+    cache filled by the first call, and batches split across threads."""
     rng = np.random.default_rng(2)
     V, n = 300, 4
     docs = [(rng.zipf(1.2, 5) % V, rng.zipf(1.2, rng.integers(20, 200)) % V) for _ in range(300)]
-    prior = NGramPrior(count(docs, n, V), mu=3.0)
+    prior = NGramPrior(count(docs, n, V), mu=3.0, threads=threads)
     ctx, tgt = corpus_contexts(docs, n, V)
     ctx, tgt = ctx[::7], tgt[::7]
-    with small_top_t(top_t):
+    with min_slice(16):
         for targets in (None, tgt, None):
             _check_dense(prior, ctx, targets)
 

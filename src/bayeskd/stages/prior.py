@@ -22,6 +22,7 @@ def run_prior(cfg: Config, run: Run, force: bool = False) -> dict | None:
     stage_cfg = {
         "prior": {k: v for k, v in asdict(p).items() if k in ("order", "smoothing")},
         "data": asdict(cfg.data),
+        "table_format": f"{ngram.FORMAT} v{ngram.VERSION}",  # tables of another format are rebuilt, not misread
     }
     inputs = {"corpus": corpus.corpus_fp, "tokenizer": corpus.tokenizer_fp}
     out = run.begin("prior", stage_cfg, inputs, force)
