@@ -740,15 +740,15 @@ class NGramPrior:
         k = min(int(top_k), self.V)
         ids, q = self._top(lv, min(k + s, self.V), s)
         last = lv[-1]
-        ids, q = ids[last.inv], q[last.inv]
-        if targets is not None:
+        if targets is None:
+            ids, q = ids[last.inv, :k], q[last.inv, :k]
+        else:
             t = self._targets(lv, targets)
             pt = self._q(lv, self.order - 1, last.inv, t, 1, np.ones(len(t), bool))
-            q = np.concatenate((np.where(ids == t[:, None], -1.0, q), pt[:, None]), axis=1)
-            ids = np.concatenate((ids, t[:, None].astype(np.int32)), axis=1)
-            o = np.argsort(-q, axis=1, kind="stable")
-            ids, q = np.take_along_axis(ids, o, 1), np.take_along_axis(q, o, 1)
-        ids, q = ids[:, :k], q[:, :k]
+            inv = np.ascontiguousarray(last.inv, np.int64)
+            top_ids, top_q, ids, q = ids, q, np.empty((len(t), k), np.int32), np.empty((len(t), k))
+            self._parallel(len(t), lambda a, b: self._kernels.leave_one_out_top(
+                top_ids, top_q, inv[a:b], t[a:b], pt[a:b], ids[a:b], q[a:b]))
         kappa = last.n_h[last.inv] - s + (self.mu if self.order > 1 else self.V)
         return PriorBatch(ids, q, np.maximum(1.0 - q.sum(axis=1), 0.0), kappa)
 

@@ -60,6 +60,36 @@ def _select(a, n, t):
 
 
 @numba.njit(nogil=True, cache=True)
+def _top_sorted(cw, cv, n, k, out_w, out_v):
+    """The k largest of cv[:n] (ties: first in index order) and their cw, descending, into
+    out_w, out_v: a selection, then a sort of those k only."""
+    sel = np.arange(n)
+    if n > 2 * k:
+        neg = np.empty(n)
+        for i in range(n):
+            neg[i] = -cv[i]
+        thr = -_select(neg, n, k - 1)  # the k-th largest value
+        m, ties = 0, 0
+        for i in range(n):
+            if cv[i] > thr:
+                sel[m] = i
+                m += 1
+        for i in range(n):
+            if m + ties >= k:
+                break
+            if cv[i] == thr:
+                sel[m + ties] = i
+                ties += 1
+        sel = np.sort(sel[:k])  # back to index order, so that the stable sort below breaks ties by index
+    vals = np.empty(len(sel))
+    for i in range(len(sel)):
+        vals[i] = -cv[sel[i]]
+    o = np.argsort(vals, kind="mergesort")
+    for a in range(k):
+        out_w[a], out_v[a] = cw[sel[o[a]]], cv[sel[o[a]]]
+
+
+@numba.njit(nogil=True, cache=True)
 def _chain_counts(x, i, lows, cnts, cs):
     """cs[m] = N(h_m, w) for m = i..1, where x indexes (h_i, w) in level i: one read per level
     through the links."""
@@ -155,6 +185,28 @@ def extend_top(j, rows, dens, pid, pq, offs, toks, cnts, lows, uni, den0, mu, ou
                 cw[n], cv[n] = pid[c, a], mu * pq[c, a] / D
                 n += 1
             mark[pid[c, a]] = -1
-        o = np.argsort(-cv[:n], kind="mergesort")
-        for a in range(k):
-            out_ids[c, a], out_q[c, a] = cw[o[a]], cv[o[a]]
+        _top_sorted(cw, cv, n, k, out_ids[c], out_q[c])
+
+
+@numba.njit(nogil=True, cache=True)
+def leave_one_out_top(ids, q, inv, t, pt, out_ids, out_q):
+    """Per position b: the top-K (K = out_ids.shape[1]) of its context's list ids, q[inv[b]]
+    (descending) without the target t[b], merged with the target at its own probability pt[b]
+    (placed after list items of equal value)."""
+    K, n = out_ids.shape[1], ids.shape[1]
+    for b in range(len(inv)):
+        u, w, p = inv[b], t[b], pt[b]
+        a, i, placed = 0, 0, False
+        while a < K:
+            if i < n and ids[u, i] == w:
+                i += 1
+            elif not placed and (i >= n or q[u, i] < p):
+                out_ids[b, a], out_q[b, a] = w, p
+                placed = True
+                a += 1
+            elif i < n:
+                out_ids[b, a], out_q[b, a] = ids[u, i], q[u, i]
+                i += 1
+                a += 1
+            else:
+                break
