@@ -680,9 +680,9 @@ class NGramPrior:
         rows, dens = self._chain(lv, j, np.arange(len(lv[j].keys)), s)
         u, w = np.ascontiguousarray(u, np.int64), np.ascontiguousarray(w, np.int64)
         dec = np.zeros(len(w), bool) if dec is None else np.ascontiguousarray(dec, bool)
-        out, den0 = np.empty(len(w)), float(self.N - s + self.V)
-        self._parallel(len(w), lambda a, b: self._kernels.q_pairs(j, w[a:b], u[a:b], dec[a:b], rows, dens, *self._arrays,
-                                                      self._uni, den0, self.mu, out[a:b]))
+        out, den0, kernel = np.empty(len(w)), float(self.N - s + self.V), self._kernels.q_pairs
+        self._parallel(len(w), lambda a, b: kernel(j, w[a:b], u[a:b], dec[a:b], rows, dens, *self._arrays,
+                                                   self._uni, den0, self.mu, out[a:b]))
         if (out < 0).any():
             raise ValueError("leave-one-out: some (context, target) pairs are not in the table")
         return out
@@ -693,9 +693,9 @@ class NGramPrior:
         rows, dens = self._chain(lv, j, u, s)
         pid, pq = np.ascontiguousarray(pid, np.int32), np.ascontiguousarray(pq, np.float64)
         ids, q = np.empty(pid.shape, np.int32), np.empty(pq.shape)
-        den0 = float(self.N - s + self.V)
-        self._parallel(len(u), lambda a, b: self._kernels.extend_top(j, rows[a:b], dens[a:b], pid[a:b], pq[a:b], *self._arrays,
-                                                           self._uni, den0, self.mu, ids[a:b], q[a:b]))
+        den0, kernel = float(self.N - s + self.V), self._kernels.extend_top
+        self._parallel(len(u), lambda a, b: kernel(j, rows[a:b], dens[a:b], pid[a:b], pq[a:b], *self._arrays,
+                                                   self._uni, den0, self.mu, ids[a:b], q[a:b]))
         return ids, q
 
     def _top(self, lv: list[_Level], k: int, s: int) -> tuple[np.ndarray, np.ndarray]:
@@ -747,8 +747,8 @@ class NGramPrior:
             pt = self._q(lv, self.order - 1, last.inv, t, 1, np.ones(len(t), bool))
             inv = np.ascontiguousarray(last.inv, np.int64)
             top_ids, top_q, ids, q = ids, q, np.empty((len(t), k), np.int32), np.empty((len(t), k))
-            self._parallel(len(t), lambda a, b: self._kernels.leave_one_out_top(
-                top_ids, top_q, inv[a:b], t[a:b], pt[a:b], ids[a:b], q[a:b]))
+            kernel = self._kernels.leave_one_out_top
+            self._parallel(len(t), lambda a, b: kernel(top_ids, top_q, inv[a:b], t[a:b], pt[a:b], ids[a:b], q[a:b]))
         kappa = last.n_h[last.inv] - s + (self.mu if self.order > 1 else self.V)
         return PriorBatch(ids, q, np.maximum(1.0 - q.sum(axis=1), 0.0), kappa)
 
