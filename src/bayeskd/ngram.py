@@ -73,6 +73,13 @@ def _ragged_arange(lens: np.ndarray) -> np.ndarray:
     return np.arange(int(lens.sum()), dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
 
 
+def _threads(n: int | None) -> int:
+    """n, or by default the CPUs this process may run on (its affinity, not the host's count)."""
+    if n:
+        return max(int(n), 1)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _frozen(a: np.ndarray, dtype) -> np.ndarray:
     """A read-only ndarray view of ``a`` (memory maps stay mapped), converted only if its dtype
     differs."""
@@ -341,11 +348,13 @@ def _link_chunk(hi: dict, lo: dict, r0: int, r1: int, vocab_size: int, dtype) ->
 
 
 def link(table: NGramTable, *, chunk_ngrams: int = 1 << 20, threads: int | None = None) -> NGramTable:
-    """Set each order's ``low`` (see OrderCounts) and return the table. A saved table
-    (``table.folder``) gets its links written there chunk by chunk, each chunk reading freshly
-    mapped arrays so that memory stays bounded, then mapped back, and ``meta.json`` rewritten."""
+    """Set each order's ``low`` (see OrderCounts) and return the table. Rows are linked in
+    chunks of about ``chunk_ngrams`` n-grams, ``threads`` chunks at a time (default: the CPUs
+    this process may use). A saved table (``table.folder``) gets its links written there chunk
+    by chunk, each chunk reading freshly mapped arrays so that memory stays bounded, then mapped
+    back, and ``meta.json`` rewritten."""
     folder = table.folder
-    threads = max(int(threads or os.cpu_count() or 1), 1)
+    threads = _threads(threads)
     orders = table.orders
     orders[0].low = np.zeros(0, np.int32)
     if folder is not None:
@@ -592,7 +601,7 @@ class NGramPrior:
 
     ``order`` (default: the table's) may be lower than the table's; contexts [B, m] need
     m >= order-1 columns (oldest first) and only the last order-1 are used. ``threads``
-    (default: the CPU count) run the compiled loops on slices of a batch. An unlinked table
+    (default: the CPUs this process may use) run the compiled loops on slices of a batch. An unlinked table
     is linked first (see ``link``)."""
 
     def __init__(self, table: NGramTable, mu: float, order: int | None = None, smoothing: str = "dirichlet",
@@ -611,7 +620,7 @@ class NGramPrior:
         self._uni[np.asarray(uni.tok)] = uni.count
         self._rank = np.argsort(-self._uni, kind="stable").astype(np.int32)  # ids by N(w), descending
         self._cache: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        self.threads = max(int(threads or os.cpu_count() or 1), 1)
+        self.threads = _threads(threads)
         from bayeskd import ngram_kernels  # numba: imported (and compiled, or read from its cache) by queries only
 
         self._kernels = ngram_kernels
