@@ -275,9 +275,18 @@ class DataConfig:
     samples: int | None = None
     """Train on only the first N samples of each prompt (null: all that `collect` has); the
     held-out prompts keep all theirs."""
+    num_proc: int = 1
+    """Processes that tokenize the corpus (`datasets.map` in batches); 1: in this process. The
+    tokens are the same either way."""
+
+    def identity(self) -> dict:
+        """The fields that decide the tokens and the split (all but `num_proc`): what stage
+        fingerprints include, so that changing the process count rebuilds nothing."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "num_proc"}
 
     def validate(self, path: str) -> None:
         _check(self.max_length >= 8, f"{path}.max_length", self.max_length, "must be >= 8")
+        _check(self.num_proc >= 1, f"{path}.num_proc", self.num_proc, "must be >= 1")
         _check(0 <= self.heldout_fraction < 1, f"{path}.heldout_fraction", self.heldout_fraction, "must be in [0, 1)")
         for name in ("train_prompts", "samples"):
             v = getattr(self, name)

@@ -97,11 +97,13 @@ def build_dataset(
     tokenizer: Any,
     template: Literal["chat", "plain"] = "chat",
     max_length: int = 512,
+    num_proc: int = 1,
 ) -> Dataset:
     """A `datasets.Dataset` of examples, one per record with at least one response token left.
 
     Columns: index (record position in `records`), prompt_id, input_ids, labels, n_response.
     Records whose prompt fills max_length entirely are dropped (their index is absent).
+    Tokenized in batches, in `num_proc` processes when there are more records than that.
     """
     base = Dataset.from_dict(
         {
@@ -120,7 +122,9 @@ def build_dataset(
         ]
         return {key: [row[key] for row in rows] for key in ("input_ids", "labels", "n_response")}
 
-    data = base.map(tokenize, batched=True, remove_columns=["messages", "text", "finish_reason"])
+    procs = num_proc if 1 < num_proc < len(records) else None
+    data = base.map(tokenize, batched=True, num_proc=procs, remove_columns=["messages", "text", "finish_reason"],
+                    desc="tokenizing" if procs else None)
     return data.filter(lambda n: n > 0, input_columns="n_response")
 
 

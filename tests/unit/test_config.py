@@ -31,6 +31,12 @@ def test_shipped_configs_exist():
     assert (ROOT / "configs" / "quickstart.yaml").is_file()
 
 
+def test_tokenizing_processes_are_not_part_of_stage_fingerprints():
+    a, b = load_config(None), load_config(None, ["data.num_proc=4"])
+    assert a.data.identity() == b.data.identity() and "num_proc" not in a.data.identity()
+    assert a.data.identity() != load_config(None, ["data.max_length=64"]).data.identity()
+
+
 def test_overrides_are_parsed_as_yaml():
     cfg = load_config(None, ["collect.max_tokens=64", 'collect.stop=["\\n\\n", END]', "teacher.base_url=null", "collect.price.prompt_per_1k=0.5"])
     assert cfg.collect.max_tokens == 64
@@ -59,6 +65,7 @@ def test_overrides_are_parsed_as_yaml():
         ("serve.faults.slow=-0.1", "serve.faults.slow=-0.1: must be in [0, 1]"),
         ("serve.faults.slow_s=0", "serve.faults.slow_s=0.0: must be > 0"),
         ("serve.faults.bogus=1", "unknown key serve.faults.bogus"),
+        ("data.num_proc=0", "data.num_proc=0: must be >= 1"),
     ],
 )
 def test_bad_values_name_the_field(override, message):

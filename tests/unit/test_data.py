@@ -32,6 +32,11 @@ def dataset(tok, corpus_records):
     return build_dataset(corpus_records, tok, "chat", max_length=128)
 
 
+def test_tokenizing_in_processes_gives_the_same_dataset(tok, corpus_records, dataset):
+    parallel = build_dataset(corpus_records, tok, "chat", max_length=128, num_proc=2)
+    assert parallel.to_dict() == dataset.to_dict()
+
+
 def response_text(tok, labels) -> str:
     return tok.decode([t for t in labels if t != IGNORE_INDEX])
 

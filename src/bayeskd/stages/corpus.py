@@ -62,7 +62,7 @@ def load_corpus(cfg: Config, run: Run) -> TokenizedCorpus:
     if not records:
         raise BayeskdError(f"{path} is empty: collect found no responses")
     tokenizer = load_tokenizer(cfg.student_model)
-    dataset = build_dataset(records, tokenizer, cfg.data.template, cfg.data.max_length)
+    dataset = build_dataset(records, tokenizer, cfg.data.template, cfg.data.max_length, cfg.data.num_proc)
     if len(dataset) == 0:
         raise BayeskdError(
             f"no example keeps a response token within data.max_length={cfg.data.max_length}: "

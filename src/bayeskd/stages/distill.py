@@ -78,7 +78,7 @@ def run_distill(cfg: Config, run: Run, force: bool = False) -> dict | None:
         stage = f"distill/{mode}"
         loss, tables, weights, extra = _plan(cfg, run, mode, corpus)
         stage_cfg = {"mode": mode, "loss": loss, "tau": cfg.distill.tau, "train": asdict(cfg.distill.train),
-                     "data": asdict(cfg.data)}
+                     "data": cfg.data.identity()}
         inputs = {"corpus": corpus.corpus_fp, "tokenizer": corpus.tokenizer_fp, **extra}
         out = run.begin(stage, stage_cfg, inputs, force)
         if out is None:

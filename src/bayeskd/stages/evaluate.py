@@ -236,7 +236,7 @@ def run_eval(cfg: Config, run: Run, force: bool = False) -> dict | None:
     if not done:
         raise BayeskdError("no trained student: run `bayeskd distill` first")
     inputs = {f"student/{m}": (run.manifest(f"distill/{m}") or {}).get("fingerprint", "") for m in done}
-    out = run.begin("eval", {"eval": asdict(cfg.eval), "data": asdict(cfg.data)}, {"corpus": corpus.corpus_fp, **inputs}, force)
+    out = run.begin("eval", {"eval": asdict(cfg.eval), "data": cfg.data.identity()}, {"corpus": corpus.corpus_fp, **inputs}, force)
     if out is None:
         return None
     heldout = [i for i, pid in enumerate(corpus.dataset["prompt_id"]) if _heldout(cfg, pid)][: cfg.eval.max_examples]

@@ -121,7 +121,7 @@ def run_posterior(cfg: Config, run: Run, force: bool = False) -> dict | None:
     stage_cfg = {
         "posterior": asdict(cfg.posterior),
         "prior": asdict(cfg.prior),
-        "data": asdict(cfg.data),
+        "data": cfg.data.identity(),
     }
     inputs = {
         "corpus": corpus.corpus_fp,

@@ -21,7 +21,7 @@ def run_prior(cfg: Config, run: Run, force: bool = False) -> dict | None:
     p = cfg.prior
     stage_cfg = {
         "prior": {k: v for k, v in asdict(p).items() if k in ("order", "smoothing")},
-        "data": asdict(cfg.data),
+        "data": cfg.data.identity(),
         "table_format": f"{ngram.FORMAT} v{ngram.VERSION}",  # tables of another format are rebuilt, not misread
     }
     inputs = {"corpus": corpus.corpus_fp, "tokenizer": corpus.tokenizer_fp}

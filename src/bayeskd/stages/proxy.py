@@ -30,7 +30,7 @@ def run_proxy(cfg: Config, run: Run, force: bool = False) -> dict | None:
     corpus = load_corpus(cfg, run)
     train_cfg = cfg.proxy.train
     check_same_tokenizer(train_cfg.model, cfg.student_model, corpus.tokenizer_fp, "proxy")
-    stage_cfg = {"train": asdict(train_cfg), "data": asdict(cfg.data)}
+    stage_cfg = {"train": asdict(train_cfg), "data": cfg.data.identity()}
     out = run.begin("proxy", stage_cfg, {"corpus": corpus.corpus_fp, "tokenizer": corpus.tokenizer_fp}, force)
     if out is None:
         return None
