@@ -17,8 +17,10 @@ level, from N(t) and from N.
 Tables: counts at order k (context length k-1, k = 1..n) are stored in CSR form: sorted
 packed context keys (uint64; the most recent token in the highest bits, so the key of a
 context's suffix is ``key >> bits``) with N(h) and offsets into successor arrays (token
-int32 sorted within a row, count uint32/uint64). Each array is a ``.npy`` file that loads
-with ``mmap_mode='r'``; ``meta.json`` holds order, vocab size, total tokens and version.
+int32 sorted within a row, count uint32/uint64), and per n-gram the index of its suffix
+n-gram in the order below (``low``, the links: found once after counting). Each array is a
+``.npy`` file that loads with ``mmap_mode='r'``; ``meta.json`` holds order, vocab size, total
+tokens and version.
 
 Queries are exact and never build [B, V] arrays: level by level, the top-K of p_k(. | h_k)
 lies in succ(h_k) united with the top-K of p_{k-1}(. | h_{k-1}) (a word with N(h_k, w) = 0
