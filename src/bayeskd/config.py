@@ -312,6 +312,12 @@ class PriorConfig:
     num_workers: int = 1
     """Processes counting shards in parallel."""
 
+    def identity(self) -> dict:
+        """The fields that decide the prior's values (all but `shard_tokens` and `num_workers`,
+        which change how the tables are counted, not what they hold): what stage fingerprints
+        include."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("shard_tokens", "num_workers")}
+
     def validate(self, path: str) -> None:
         _check(1 <= self.order <= 8, f"{path}.order", self.order, "must be in 1..8")
         _check(self.mu > 0, f"{path}.mu", self.mu, "must be > 0")

@@ -31,10 +31,15 @@ def test_shipped_configs_exist():
     assert (ROOT / "configs" / "quickstart.yaml").is_file()
 
 
-def test_tokenizing_processes_are_not_part_of_stage_fingerprints():
-    a, b = load_config(None), load_config(None, ["data.num_proc=4"])
-    assert a.data.identity() == b.data.identity() and "num_proc" not in a.data.identity()
-    assert a.data.identity() != load_config(None, ["data.max_length=64"]).data.identity()
+@pytest.mark.parametrize("section, how, what", [("data", "num_proc=4", "max_length=64"),
+                                               ("prior", "num_workers=4", "mu=5"),
+                                               ("prior", "shard_tokens=10000", "top_k=8")])
+def test_process_counts_are_not_part_of_stage_fingerprints(section, how, what):
+    """Settings that change how a stage computes (processes, shard sizes) leave its identity,
+    hence the fingerprints, alone; settings that change what it computes do not."""
+    base = getattr(load_config(None), section).identity()
+    assert getattr(load_config(None, [f"{section}.{how}"]), section).identity() == base
+    assert getattr(load_config(None, [f"{section}.{what}"]), section).identity() != base
 
 
 def test_overrides_are_parsed_as_yaml():

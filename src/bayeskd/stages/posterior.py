@@ -120,7 +120,7 @@ def run_posterior(cfg: Config, run: Run, force: bool = False) -> dict | None:
     check_same_tokenizer(str(proxy_dir), cfg.student_model, corpus.tokenizer_fp, "proxy")
     stage_cfg = {
         "posterior": asdict(cfg.posterior),
-        "prior": asdict(cfg.prior),
+        "prior": cfg.prior.identity(),
         "data": cfg.data.identity(),
     }
     inputs = {
