@@ -31,6 +31,12 @@ def _check(cond: bool, path: str, value: Any, why: str) -> None:
         raise ConfigError(f"{path}={value!r}: {why}")
 
 
+def _fields_except(section: Any, *names: str) -> dict:
+    """A config section as a dict without the fields that change how a stage computes, not what
+    (process counts, shard sizes): what stage fingerprints include."""
+    return {k: v for k, v in dataclasses.asdict(section).items() if k not in names}
+
+
 @dataclass
 class TeacherConfig:
     """The black-box teacher. Only text and top-k logprobs ever come back from it."""
@@ -282,7 +288,7 @@ class DataConfig:
     def identity(self) -> dict:
         """The fields that decide the tokens and the split (all but `num_proc`): what stage
         fingerprints include, so that changing the process count rebuilds nothing."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "num_proc"}
+        return _fields_except(self, "num_proc")
 
     def validate(self, path: str) -> None:
         _check(self.max_length >= 8, f"{path}.max_length", self.max_length, "must be >= 8")
@@ -316,7 +322,7 @@ class PriorConfig:
         """The fields that decide the prior's values (all but `shard_tokens` and `num_workers`,
         which change how the tables are counted, not what they hold): what stage fingerprints
         include."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("shard_tokens", "num_workers")}
+        return _fields_except(self, "shard_tokens", "num_workers")
 
     def validate(self, path: str) -> None:
         _check(1 <= self.order <= 8, f"{path}.order", self.order, "must be in 1..8")

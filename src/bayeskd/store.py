@@ -182,19 +182,14 @@ class Ledger:
         }
 
 
-def prompt_token_bound(messages: list[dict], prefix: str | None = None) -> int:
-    """Most tokens a prompt can cost: the teacher's tokenizer is unknown, but no token is shorter
-    than a byte; plus a chat-template allowance per message."""
-    return sum(len(m["content"].encode()) + 16 for m in messages) + len((prefix or "").encode())
-
-
 class Budget:
     """A ledger and its caps, with the tokens that requests in flight may still spend reserved.
 
-    `take(tokens)` reserves a request's most expensive outcome before it is sent and says
-    whether it still fits under `budget_tokens` and `budget_cost` (extra tokens priced as
-    completion tokens: pessimistic); `release` returns the reservation once the ledger has
-    the real usage.
+    `take(tokens)` reserves a request's most expensive outcome (`TeacherRequest.token_bound`)
+    before it is sent and says whether it still fits under `budget_tokens` and `budget_cost`
+    (extra tokens priced as completion tokens: pessimistic); `release` returns the reservation
+    once the ledger has the real usage. `admit(tokens)` only checks (for usage already known).
+    `reached` says whether a check has failed.
     """
 
     def __init__(self, ledger: Ledger, budget_tokens: int | None = None, budget_cost: float | None = None):
@@ -207,9 +202,13 @@ class Budget:
             return False
         return self.budget_cost is None or self.ledger.cost + self.ledger.cost_of(0, extra) <= self.budget_cost
 
+    def admit(self, tokens: int) -> bool:
+        ok = self.fits(tokens)
+        self.reached |= not ok
+        return ok
+
     def take(self, tokens: int) -> bool:
-        if not self.fits(tokens):
-            self.reached = True
+        if not self.admit(tokens):
             return False
         self.reserved += tokens
         return True

@@ -11,6 +11,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from bayeskd.losses import (
+    _MIN_LOG_TAIL,
     IGNORE_INDEX,
     LossOutput,
     SparseTargets,
@@ -39,8 +40,8 @@ def ref_sparse_kl(logits: torch.Tensor, t: SparseTargets, tau: float = 1.0) -> t
     p, r = t.probs.double(), t.tail.double()
     u = (q * ~in_k).sum(-1)
     top = torch.where(p > 0, p * (torch.log(p.clamp_min(1e-300)) - torch.log(q_k)), 0.0).sum(-1)
-    # The loss floors log u at -80 (u < 2e-35), documented at losses._MIN_LOG_TAIL, so that r / u stays finite.
-    bucket = torch.where(r > 0, r * (torch.log(r.clamp_min(1e-300)) - torch.log(u).clamp_min(-80.0)), 0.0)
+    # The loss floors log u (u < 2e-35) at losses._MIN_LOG_TAIL, so that r / u stays finite.
+    bucket = torch.where(r > 0, r * (torch.log(r.clamp_min(1e-300)) - torch.log(u).clamp_min(_MIN_LOG_TAIL)), 0.0)
     return (top + bucket) * tau**2
 
 

@@ -76,15 +76,15 @@ def corpora(draw, max_order=4):
 
 
 @contextmanager
-def min_slice(n):
-    """Temporarily lower ngram._MIN_SLICE (None: leave it), so that even tiny batches are split
-    across the prior's threads."""
-    old = ngram._MIN_SLICE
-    ngram._MIN_SLICE = old if n is None else n
+def knob(name, value):
+    """Temporarily set the module constant ngram.<name> (None: leave it). Lowering _MIN_SLICE
+    splits even tiny batches across the prior's threads."""
+    old = getattr(ngram, name)
+    setattr(ngram, name, old if value is None else value)
     try:
         yield
     finally:
-        ngram._MIN_SLICE = old
+        setattr(ngram, name, old)
 
 
 def check_batch(batch, refs, K):
@@ -140,12 +140,8 @@ def test_counts_match_reference(case):
 @settings(max_examples=25, deadline=None)
 def test_counts_with_unpacked_keys(case):
     docs, n, V, _ = case
-    old = ngram._PACK_BITS
-    ngram._PACK_BITS = 4  # forces the dense-rank fallback of _group
-    try:
+    with knob("_PACK_BITS", 4):  # forces the dense-rank fallback of _group
         table = count(docs, n, V)
-    finally:
-        ngram._PACK_BITS = old
     assert table.equals(count(docs, n, V))
 
 
@@ -169,12 +165,8 @@ def test_links_point_to_the_suffix_ngram(case, dense_rows, chunk):
     docs, n, V, _ = case
     table, bits = count(docs, n, V), ngram._bits(V)
     want = [np.array(o.low) for o in table.orders]
-    old = ngram._DENSE_ROWS
-    ngram._DENSE_ROWS = dense_rows
-    try:
+    with knob("_DENSE_ROWS", dense_rows):
         link(table, chunk_ngrams=chunk, threads=2)
-    finally:
-        ngram._DENSE_ROWS = old
     for k in range(1, n):
         hi, lo = table.orders[k], table.orders[k - 1]
         np.testing.assert_array_equal(hi.low, want[k])
@@ -233,7 +225,7 @@ def test_query_matches_reference(case, data):
     docs, n, V, mu = case
     counts = ref_counts(docs, n, V)
     prior = NGramPrior(count(docs, n, V), mu=mu, threads=data.draw(st.sampled_from([1, 3])))
-    with min_slice(data.draw(st.sampled_from([None, 1]))):
+    with knob("_MIN_SLICE", data.draw(st.sampled_from([None, 1]))):
         _check_query(prior, docs, n, V, mu, counts, data)
 
 
@@ -258,7 +250,7 @@ def _check_query(prior, docs, n, V, mu, counts, data):
 def test_leave_one_out_removes_exactly_one_count(case, data):
     docs, n, V, mu = case
     prior = NGramPrior(count(docs, n, V), mu=mu, threads=data.draw(st.sampled_from([1, 3])))
-    with min_slice(data.draw(st.sampled_from([None, 1]))):
+    with knob("_MIN_SLICE", data.draw(st.sampled_from([None, 1]))):
         _check_loo(prior, docs, n, V, mu, data)
 
 
@@ -297,7 +289,7 @@ def test_query_at_realistic_sizes_matches_dense(threads):
     prior = NGramPrior(count(docs, n, V), mu=3.0, threads=threads)
     ctx, tgt = corpus_contexts(docs, n, V)
     ctx, tgt = ctx[::7], tgt[::7]
-    with min_slice(16):
+    with knob("_MIN_SLICE", 16):
         for targets in (None, tgt, None):
             _check_dense(prior, ctx, targets)
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from bayeskd.artifacts import Run, fingerprint_file, write_json_atomic
 from bayeskd.config import CollectConfig, Config
 from bayeskd.errors import BayeskdError
-from bayeskd.store import Budget, Ledger, ResponseStore, prompt_token_bound
+from bayeskd.store import Budget, Ledger, ResponseStore
 from bayeskd.teachers import build_teacher
 from bayeskd.teachers.base import TeacherError, TeacherRequest, TeacherResponse, content_key
 
@@ -126,10 +126,9 @@ def run_collect(cfg: Config, run: Run, force: bool = False) -> dict | None:
         ledger.add_record(record)
     todo = [(i, [s for s in range(c.n) if keys[i][s] not in store]) for i in range(len(prompts))]
     todo = [(i, missing) for i, missing in todo if missing]
-    # Tokens a request may spend at most, reserved against the budget while it is in flight.
-    estimate = [len(m) * c.max_tokens + prompt_token_bound(prompts[i]["messages"]) for i, m in todo]
+    reqs = [request_for(prompts[i], c, len(missing)) for i, missing in todo]
     total = len(prompts) * c.n
-    stats = {"requests": 0, "retries": 0, "failures": 0, "cut_short": 0, "budget_reached": False, "store_repaired": store.repaired}
+    stats = {"requests": 0, "retries": 0, "failures": 0, "cut_short": 0, "store_repaired": store.repaired}
     failures: list[dict] = []
 
     teacher = build_teacher(cfg.teacher) if todo else None
@@ -137,17 +136,16 @@ def run_collect(cfg: Config, run: Run, force: bool = False) -> dict | None:
     budget = Budget(ledger, c.budget_tokens, c.budget_cost)
 
     def requests() -> Iterator[TeacherRequest]:
-        for j, (i, missing) in enumerate(todo):
-            if not budget.take(estimate[j]):
-                stats["budget_reached"] = True
+        for request in reqs:
+            if not budget.take(request.token_bound()):
                 return
             stats["requests"] += 1
-            yield request_for(prompts[i], c, len(missing))
+            yield request
 
     try:
         for j, result in teacher.stream(requests()) if teacher else ():
             i, missing = todo[j]
-            budget.release(estimate[j])
+            budget.release(reqs[j].token_bound())
             if isinstance(result, TeacherError):
                 stats["failures"] += 1
                 failures.append({"prompt_id": prompts[i]["id"], "keys": [keys[i][s] for s in missing],
@@ -180,6 +178,7 @@ def run_collect(cfg: Config, run: Run, force: bool = False) -> dict | None:
         "tokens": ledger.tokens,
         "cost": round(ledger.cost, 6),
         **stats,
+        "budget_reached": budget.reached,
     }
     done = n_records == total
     run.finish("collect", "done" if done else "partial", summary, {"corpus": fingerprint_file(out / CORPUS)})

@@ -55,7 +55,7 @@ from bayeskd.distributions import PAD
 from bayeskd.evidence import EvidenceMapper
 from bayeskd.stages.corpus import TokenizedCorpus, load_corpus
 from bayeskd.stages.posterior import SETS, estimate, load_prior, response_spans
-from bayeskd.store import Budget, Ledger, ResponseStore, prompt_token_bound
+from bayeskd.store import Budget, Ledger, ResponseStore
 from bayeskd.targets import TargetStore, TargetWriter
 from bayeskd.teachers.base import Teacher, TeacherError, TeacherRequest, content_key
 
@@ -276,11 +276,6 @@ def _seed(key: str, seed: int) -> int:
     return (int(key, 16) + seed) % 2**31
 
 
-def _bound(request: TeacherRequest) -> int:
-    """Most tokens a request can cost: its prompt and prefix, bounded by their bytes, plus the completions."""
-    return prompt_token_bound(request.message_dicts(), request.prefix) + request.n * request.max_tokens
-
-
 def ask(teacher: Teacher, jobs: list[tuple[object, TeacherRequest, str]], store: ResponseStore, budget: Budget,
         teacher_name: str, failures: list) -> Iterator[tuple[object, list[dict]]]:  # fmt: skip
     """(job id, samples) for each job: from the store when asked before, else from the teacher within
@@ -295,13 +290,12 @@ def ask(teacher: Teacher, jobs: list[tuple[object, TeacherRequest, str]], store:
             continue
         record = store.get(key)  # asked and paid for before: free now, but it counts against this budget
         u = record["usage"]
-        if not budget.fits(u["prompt_tokens"] + u["completion_tokens"]):
-            budget.reached = True
+        if not budget.admit(u["prompt_tokens"] + u["completion_tokens"]):
             return
         budget.ledger.add_record(record)
         yield job, record["samples"]
     keys = list(todo)
-    cost = [_bound(todo[k][0]) for k in keys]
+    cost = [todo[k][0].token_bound() for k in keys]
 
     def requests() -> Iterator[TeacherRequest]:
         for j, key in enumerate(keys):

@@ -58,6 +58,14 @@ class TeacherRequest:
     def message_dicts(self) -> list[dict]:
         return [{"role": r, "content": c} for r, c in self.messages or ()]
 
+    def token_bound(self) -> int:
+        """Most tokens this request can cost, reserved against a budget while it is in flight: the
+        teacher's tokenizer is unknown, but no token is shorter than a byte, so the prompt (plus a
+        chat-template allowance per message) and the prefix count their bytes; then n completions
+        of max_tokens."""
+        prompt = sum(len(c.encode()) + 16 for _, c in self.messages or ()) + len((self.prompt or "").encode())
+        return prompt + len((self.prefix or "").encode()) + self.n * self.max_tokens
+
     def sampling(self) -> dict:
         """The sampling parameters, as they key the response store."""
         return {
