@@ -24,9 +24,11 @@ def corpus(run_dir: Path) -> list[dict]:
 
 
 def store_keys(run_dir: Path) -> list[str]:
+    """Keys of the stored records. Only whole lines count: a writer may be mid-line (or was killed mid-line,
+    which the store cuts off when it next opens), and what follows the last newline is not a record yet."""
     keys = []
     for shard in sorted((run_dir / "collect" / "store").glob("records-*.jsonl")):
-        keys += [json.loads(line)["key"] for line in shard.read_bytes().splitlines()]
+        keys += [json.loads(line)["key"] for line in shard.read_bytes().split(b"\n")[:-1]]
     return keys
 
 
