@@ -51,6 +51,7 @@ _PACK_BITS = 64  # width of the packed (context, token) sort key; tests lower it
 _HEADER = 128  # bytes reserved for the header of a .npy file written in pieces
 _DENSE_ROWS = 64  # linking gathers from dense maps when a chunk's suffixes span at most this many rows
 _MIN_SLICE = 512  # queries give a thread at least this many contexts or pairs; tests lower it
+_GROUP = 1 << 16  # extend_top reads the lower-order counts of at most this many successors at once; tests lower it
 
 Docs = Iterable[tuple[Sequence[int], Sequence[int]]]
 
@@ -631,6 +632,7 @@ class NGramPrior:
         dts = {"offsets": np.int64, "tok": np.int32}
         dts |= {f: np.result_type(*(getattr(o, f).dtype for o in table.orders)) for f in ("count", "low")}
         self._arrays = tuple(tuple(_frozen(getattr(o, f), dt) for o in table.orders) for f, dt in dts.items())
+        self._ctx = tuple(_frozen(o.ctx, np.uint64) for o in table.orders)
 
     def _levels(self, contexts: np.ndarray) -> list[_Level]:
         c = np.asarray(contexts)
@@ -648,8 +650,9 @@ class NGramPrior:
             key = (key << bits) | c[:, c.shape[1] - j].astype(np.uint64)
             u, inv = np.unique(key, return_inverse=True)
             parent = np.searchsorted(levels[-1].keys, u >> bits)
-            ctx = self.table.orders[j].ctx
-            row = np.minimum(np.searchsorted(ctx, u), max(len(ctx) - 1, 0))
+            ctx, row = self._ctx[j], np.empty(len(u), np.int64)
+            self._parallel(len(u), lambda a, b: self._kernels.search_sorted(ctx, u[a:b], row[a:b]))
+            row = np.minimum(row, max(len(ctx) - 1, 0))
             found = ctx[row] == u if len(ctx) else np.zeros(len(u), bool)
             n_h = np.where(found, self.table.orders[j].ctx_count[row] if len(ctx) else 0, 0).astype(np.float64)
             levels.append(_Level(u, inv.ravel(), parent, row, found, n_h))
@@ -706,7 +709,7 @@ class NGramPrior:
         ids, q = np.empty(pid.shape, np.int32), np.empty(pq.shape)
         den0, kernel = float(self.N - s + self.V), self._kernels.extend_top
         self._parallel(len(u), lambda a, b: kernel(j, rows[a:b], dens[a:b], pid[a:b], pq[a:b], *self._arrays,
-                                                   self._uni, den0, self.mu, ids[a:b], q[a:b]))
+                                                   self._uni, den0, self.mu, _GROUP, ids[a:b], q[a:b]))
         return ids, q
 
     def _top(self, lv: list[_Level], k: int, s: int) -> tuple[np.ndarray, np.ndarray]:
@@ -728,10 +731,10 @@ class NGramPrior:
             ids, q = np.zeros((len(L.keys), k), np.int32), np.zeros((len(L.keys), k))
             ids[hit], q[hit], ids[todo], q[todo] = cid[pos[hit]], cq[pos[hit]], t_ids, t_q
             new = heavy[todo]
-            if new.any():
-                ck = np.concatenate((ck, L.keys[todo[new]]))
-                o = np.argsort(ck)
-                self._cache[k, s, j] = (ck[o], np.concatenate((cid, t_ids[new]))[o], np.concatenate((cq, t_q[new]))[o])
+            if new.any():  # sorted keys, none in the cache yet: merged in at their places, no re-sort
+                at = np.searchsorted(ck, L.keys[todo[new]])
+                self._cache[k, s, j] = (np.insert(ck, at, L.keys[todo[new]]), np.insert(cid, at, t_ids[new], axis=0),
+                                        np.insert(cq, at, t_q[new], axis=0))
         return ids, q
 
     def _targets(self, lv: list[_Level], targets: np.ndarray) -> np.ndarray:

@@ -31,6 +31,27 @@ def _find(tok, lo, hi, w):
 
 
 @numba.njit(nogil=True, cache=True)
+def search_sorted(a, keys, out):
+    """out[i] = the index of the first item of sorted ``a`` not below keys[i] (np.searchsorted).
+    The keys take their bisection steps together, so each step's reads are independent and the
+    CPU overlaps them (a bisection alone waits on each read of a large table in turn)."""
+    n = len(keys)
+    lo, hi = np.zeros(n, np.int64), np.full(n, len(a), np.int64)
+    busy = n > 0
+    while busy:
+        busy = False
+        for i in range(n):
+            if lo[i] < hi[i]:
+                mid = (lo[i] + hi[i]) >> 1
+                if a[mid] < keys[i]:
+                    lo[i] = mid + 1
+                else:
+                    hi[i] = mid
+                busy = True
+    out[:] = lo
+
+
+@numba.njit(nogil=True, cache=True)
 def _select(a, n, t):
     """The t-th smallest (from 0) of a[:n], reordering a in place: quickselect with three-way
     partitions (counts repeat a lot). Written out because np.partition takes numba ~10 s to
@@ -60,81 +81,88 @@ def _select(a, n, t):
 
 
 @numba.njit(nogil=True, cache=True)
-def _top_sorted(cw, cv, n, k, out_w, out_v):
+def _top_sorted(cw, cv, n, k, out_w, out_v, scratch):
     """The k largest of cv[:n] (ties: first in index order) and their cw, descending, into
-    out_w, out_v: a selection, then a sort of those k only."""
-    sel = np.arange(n)
+    out_w, out_v: insertion into the k slots, of only the items not below the k-th largest
+    value when n is large (found by a selection in scratch [>= n])."""
+    thr = -np.inf
     if n > 2 * k:
-        neg = np.empty(n)
         for i in range(n):
-            neg[i] = -cv[i]
-        thr = -_select(neg, n, k - 1)  # the k-th largest value
-        m, ties = 0, 0
-        for i in range(n):
-            if cv[i] > thr:
-                sel[m] = i
-                m += 1
-        for i in range(n):
-            if m + ties >= k:
-                break
-            if cv[i] == thr:
-                sel[m + ties] = i
-                ties += 1
-        sel = np.sort(sel[:k])  # back to index order, so that the stable sort below breaks ties by index
-    vals = np.empty(len(sel))
-    for i in range(len(sel)):
-        vals[i] = -cv[sel[i]]
-    o = np.argsort(vals, kind="mergesort")
-    for a in range(k):
-        out_w[a], out_v[a] = cw[sel[o[a]]], cv[sel[o[a]]]
-
-
-@numba.njit(nogil=True, cache=True)
-def _chain_counts(x, i, lows, cnts, cs):
-    """cs[m] = N(h_m, w) for m = i..1, where x indexes (h_i, w) in level i: one read per level
-    through the links."""
-    cs[i] = cnts[i][x]
-    for m in range(i - 1, 0, -1):
-        x = lows[m + 1][x]
-        cs[m] = cnts[m][x]
-
-
-@numba.njit(nogil=True, cache=True)
-def _q_one(w, rows, dens, j, offs, toks, cnts, lows, uni, den0, mu, dec, cs):
-    """q_j(w | h) of one context; ``dec`` (0 or 1) removes one count of w at every level
-    (leave-one-out). Finds w in the longest suffix row holding it (shorter suffixes hold it too:
-    their counts follow the links; longer ones have none). Returns -1 when a count to remove is
-    not in the table. ``cs`` is scratch [>= j+1]."""
-    cs[:j + 1] = 0.0
-    for i in range(j, 0, -1):
-        r = rows[i]
-        if r >= 0:
-            x = _find(toks[i], offs[i][r], offs[i][r + 1], w)
-            if x >= 0:
-                _chain_counts(x, i, lows, cnts, cs)
-                break
-    if uni[w] < dec:
-        return -1.0
-    q = (uni[w] + 1.0 - dec) / den0
-    for i in range(1, j + 1):
-        if cs[i] < dec:
-            return -1.0
-        q = (cs[i] - dec + mu * q) / dens[i]
-    return q
+            scratch[i] = -cv[i]
+        thr = -_select(scratch, n, k - 1)
+    m = 0
+    for i in range(n):
+        v = cv[i]
+        if v < thr or (m == k and v <= out_v[k - 1]):
+            continue
+        if m < k:
+            m += 1
+        p = m - 1
+        while p > 0 and out_v[p - 1] < v:  # after the equal ones: ties keep index order
+            out_v[p], out_w[p] = out_v[p - 1], out_w[p - 1]
+            p -= 1
+        out_v[p], out_w[p] = v, cw[i]
 
 
 @numba.njit(nogil=True, cache=True)
 def q_pairs(j, w, ctx, dec, rows, dens, offs, toks, cnts, lows, uni, den0, mu, out):
-    """out[p] = q_j(w[p] | context ctx[p]) for pairs p, with leave-one-out where dec[p]."""
-    cs = np.zeros(j + 1)
-    for p in range(len(w)):
-        c = ctx[p]
-        out[p] = _q_one(w[p], rows[c], dens[c], j, offs, toks, cnts, lows, uni, den0, mu,
-                        1.0 if dec[p] else 0.0, cs)
+    """out[p] = q_j(w[p] | context ctx[p]) for pairs p, with leave-one-out where dec[p]: one
+    count of w removed at every level (-1 where a count to remove is not in the table). Each w is
+    found in the longest suffix row holding it (shorter suffixes hold it too: their counts follow
+    the links; longer ones have none); the links are then read one level at a time over all
+    pairs, so that the reads overlap."""
+    P = len(w)
+    x, lev, cs = np.full(P, -1, np.int64), np.zeros(P, np.int64), np.zeros((j + 1, P))
+    for p in range(P):
+        for i in range(j, 0, -1):
+            r = rows[ctx[p], i]
+            if r >= 0:
+                y = _find(toks[i], offs[i][r], offs[i][r + 1], w[p])
+                if y >= 0:
+                    x[p], lev[p] = y, i
+                    break
+    for i in range(j, 0, -1):
+        ci = cnts[i]
+        for p in range(P):
+            if lev[p] > i:
+                x[p] = lows[i + 1][x[p]]
+            if lev[p] >= i:
+                cs[i, p] = ci[x[p]]
+    for p in range(P):
+        d = 1.0 if dec[p] else 0.0
+        q = (uni[w[p]] + 1.0 - d) / den0 if uni[w[p]] >= d else -1.0
+        for i in range(1, j + 1):
+            if q < 0 or cs[i, p] < d:
+                q = -1.0
+                break
+            q = (cs[i, p] - d + mu * q) / dens[ctx[p], i]
+        out[p] = q
 
 
 @numba.njit(nogil=True, cache=True)
-def extend_top(j, rows, dens, pid, pq, offs, toks, cnts, lows, uni, den0, mu, out_ids, out_q):
+def _lower_q(j, xs, ws, ctx, dens, lows, cnts, uni, den0, mu, out):
+    """out[t] = q_{j-1}(ws[t] | the level-(j-1) suffix of context ctx[t]), where xs[t] indexes
+    (that context, ws[t]) in level j. The lower-order counts are read one level at a time over
+    all t: independent reads, which the CPU overlaps (one chain alone waits on each read)."""
+    n = len(xs)
+    for t in range(n):
+        out[t] = (uni[ws[t]] + 1.0) / den0
+    if j == 1:
+        return
+    cs = np.empty((j, n))
+    x = xs.copy()
+    for m in range(j - 1, 0, -1):
+        lw, cm = lows[m + 1], cnts[m]
+        for t in range(n):
+            x[t] = lw[x[t]]
+            cs[m, t] = cm[x[t]]
+    for m in range(1, j):
+        for t in range(n):
+            out[t] = (cs[m, t] + mu * out[t]) / dens[ctx[t], m]
+
+
+@numba.njit(nogil=True, cache=True)
+def extend_top(j, rows, dens, pid, pq, offs, toks, cnts, lows, uni, den0, mu, group, out_ids, out_q):
     """Top-k of q_j(. | h) for level-j contexts c from their suffixes' top-k (pid, pq [C, k],
     descending) into out_ids, out_q [C, k].
 
@@ -142,50 +170,75 @@ def extend_top(j, rows, dens, pid, pq, offs, toks, cnts, lows, uni, den0, mu, ou
     with the suffix's top-k. A successor outside the suffix's top-k has q_{j-1} <= pq[k-1], so one
     with count + mu pq[k-1] below the row's k-th largest count cannot reach the top-k (k
     successors are worth at least that count / D) and its q_{j-1} is never computed; the others
-    read their lower-order counts through the links."""
-    k = pid.shape[1]
+    read their lower-order counts through the links, for a group of contexts at once (as many as
+    hold at most ``group`` successors, one at least)."""
+    C, k = pid.shape
     mark = np.full(len(uni), -1, np.int32)  # word -> its column in the suffix's top-k
     dup = np.zeros(k, np.bool_)
-    cs = np.zeros(j + 1)
     tj, cj = toks[j], cnts[j]
-    for c in range(rows.shape[0]):
-        r, D = rows[c, j], dens[c, j]
-        lo, hi = (offs[j][r], offs[j][r + 1]) if r >= 0 else (0, 0)
-        n_s = hi - lo
-        for a in range(k):
-            mark[pid[c, a]] = a
-            dup[a] = False
-        kth, floor = -1.0, mu * pq[c, k - 1]
-        if n_s > k:
-            buf = np.empty(n_s, np.float64)
-            for i in range(n_s):
-                buf[i] = cj[lo + i]
-            kth = _select(buf, n_s, n_s - k)
-        cw = np.empty(n_s + k, np.int32)
-        cv = np.empty(n_s + k, np.float64)
-        n = 0
-        for i in range(lo, hi):
-            w, cnt = tj[i], float(cj[i])
-            a = mark[w]
-            if a >= 0:
-                dup[a] = True
-                qw = pq[c, a]
-            elif cnt + floor < kth:
-                continue
-            else:
-                if j > 1:
-                    _chain_counts(lows[j][i], j - 1, lows, cnts, cs)
-                qw = (uni[w] + 1.0) / den0
-                for m in range(1, j):
-                    qw = (cs[m] + mu * qw) / dens[c, m]
-            cw[n], cv[n] = w, (cnt + mu * qw) / D
-            n += 1
-        for a in range(k):
-            if not dup[a]:
-                cw[n], cv[n] = pid[c, a], mu * pq[c, a] / D
+    lo_of, n_of = np.zeros(C, np.int64), np.zeros(C, np.int64)
+    for c in range(C):
+        r = rows[c, j]
+        if r >= 0:
+            lo_of[c], n_of[c] = offs[j][r], offs[j][r + 1] - offs[j][r]
+    c0 = 0
+    while c0 < C:
+        c1, room = c0 + 1, n_of[c0]  # the group: contexts [c0, c1)
+        while c1 < C and room + n_of[c1] <= group:
+            room += n_of[c1]
+            c1 += 1
+        cw, cc, cq, scratch = np.empty(room, np.int32), np.empty(room), np.empty(room), np.empty(room + k)
+        ends = np.zeros(c1 - c0 + 1, np.int64)
+        at, xs, xc = np.empty(room, np.int64), np.empty(room, np.int64), np.empty(room, np.int64)
+        n, n_x = 0, 0
+        for c in range(c0, c1):  # 1. the candidate successors, in table order, the pruned ones left out
+            lo, n_s = lo_of[c], n_of[c]
+            for a in range(k):
+                mark[pid[c, a]] = a
+            kth, floor = -1.0, mu * pq[c, k - 1]
+            if n_s > k:
+                for i in range(n_s):
+                    scratch[i] = cj[lo + i]
+                kth = _select(scratch, n_s, n_s - k)
+            for i in range(lo, lo + n_s):
+                w, cnt = tj[i], float(cj[i])
+                a = mark[w]
+                if a >= 0:
+                    cq[n] = pq[c, a]
+                elif cnt + floor < kth:
+                    continue
+                else:
+                    at[n_x], xs[n_x], xc[n_x] = n, i, c
+                    n_x += 1
+                cw[n], cc[n] = w, cnt
                 n += 1
-            mark[pid[c, a]] = -1
-        _top_sorted(cw, cv, n, k, out_ids[c], out_q[c])
+            for a in range(k):
+                mark[pid[c, a]] = -1
+            ends[c - c0 + 1] = n
+        ql = np.empty(n_x)  # 2. q_{j-1} of the others, all at once
+        _lower_q(j, xs[:n_x], cw[at[:n_x]], xc[:n_x], dens, lows, cnts, uni, den0, mu, ql)
+        for t in range(n_x):
+            cq[at[t]] = ql[t]
+        vw, vv = np.empty(room + k, np.int32), np.empty(room + k)
+        for c in range(c0, c1):  # 3. each context's top-k of its successors and its suffix's top-k
+            a0, a1, D = ends[c - c0], ends[c - c0 + 1], dens[c, j]
+            for a in range(k):
+                mark[pid[c, a]] = a
+                dup[a] = False
+            m = 0
+            for i in range(a0, a1):
+                a = mark[cw[i]]
+                if a >= 0:
+                    dup[a] = True
+                vw[m], vv[m] = cw[i], (cc[i] + mu * cq[i]) / D
+                m += 1
+            for a in range(k):
+                if not dup[a]:
+                    vw[m], vv[m] = pid[c, a], mu * pq[c, a] / D
+                    m += 1
+                mark[pid[c, a]] = -1
+            _top_sorted(vw, vv, m, k, out_ids[c], out_q[c], scratch)
+        c0 = c1
 
 
 @numba.njit(nogil=True, cache=True)

@@ -78,7 +78,8 @@ def corpora(draw, max_order=4):
 @contextmanager
 def knob(name, value):
     """Temporarily set the module constant ngram.<name> (None: leave it). Lowering _MIN_SLICE
-    splits even tiny batches across the prior's threads."""
+    splits even tiny batches across the prior's threads; lowering _GROUP splits a batch's
+    contexts into groups (0: one context each)."""
     old = getattr(ngram, name)
     setattr(ngram, name, old if value is None else value)
     try:
@@ -225,7 +226,7 @@ def test_query_matches_reference(case, data):
     docs, n, V, mu = case
     counts = ref_counts(docs, n, V)
     prior = NGramPrior(count(docs, n, V), mu=mu, threads=data.draw(st.sampled_from([1, 3])))
-    with knob("_MIN_SLICE", data.draw(st.sampled_from([None, 1]))):
+    with knob("_MIN_SLICE", data.draw(st.sampled_from([None, 1]))), knob("_GROUP", data.draw(st.sampled_from([None, 0, 5]))):
         _check_query(prior, docs, n, V, mu, counts, data)
 
 
@@ -250,7 +251,7 @@ def _check_query(prior, docs, n, V, mu, counts, data):
 def test_leave_one_out_removes_exactly_one_count(case, data):
     docs, n, V, mu = case
     prior = NGramPrior(count(docs, n, V), mu=mu, threads=data.draw(st.sampled_from([1, 3])))
-    with knob("_MIN_SLICE", data.draw(st.sampled_from([None, 1]))):
+    with knob("_MIN_SLICE", data.draw(st.sampled_from([None, 1]))), knob("_GROUP", data.draw(st.sampled_from([None, 0, 5]))):
         _check_loo(prior, docs, n, V, mu, data)
 
 
@@ -279,17 +280,17 @@ def test_lower_order_prior_and_leave_one_out_checks():
         NGramPrior(table, mu=mu, order=5)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_query_at_realistic_sizes_matches_dense(threads):
+@pytest.mark.parametrize("threads,group", [(1, None), (2, None), (2, 200)])
+def test_query_at_realistic_sizes_matches_dense(threads, group):
     """Many successors per context (the kernel prunes successors by the row's k-th count), a
-    cache filled by the first call, and batches split across threads."""
+    cache filled by the first call, batches split across threads, and contexts in groups."""
     rng = np.random.default_rng(2)
     V, n = 300, 4
     docs = [(rng.zipf(1.2, 5) % V, rng.zipf(1.2, rng.integers(20, 200)) % V) for _ in range(300)]
     prior = NGramPrior(count(docs, n, V), mu=3.0, threads=threads)
     ctx, tgt = corpus_contexts(docs, n, V)
     ctx, tgt = ctx[::7], tgt[::7]
-    with knob("_MIN_SLICE", 16):
+    with knob("_MIN_SLICE", 16), knob("_GROUP", group):
         for targets in (None, tgt, None):
             _check_dense(prior, ctx, targets)
 
