@@ -93,7 +93,11 @@ def sample_docs(folder: Path, n_docs: int, seed: int = 1) -> list:
 def child_build(p: dict) -> dict:
     from bayeskd import ngram
 
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    import psutil
+
+    # One interpreter with numpy and bayeskd.ngram loaded: its current RSS (ru_maxrss would not do:
+    # Linux carries the parent's high-water mark across fork and exec).
+    base_rss = psutil.Process().memory_info().rss
     out = Path(p["out"])
     shutil.rmtree(out, ignore_errors=True)
     t0, c0 = time.perf_counter(), time.process_time()

@@ -513,10 +513,13 @@ def _shards(docs: Docs, shard_tokens: int) -> Iterator[FlatDocs]:
         buf.append((p, r))
         n += len(r)
         if n >= shard_tokens:
-            yield FlatDocs.from_docs(buf)
-            buf, n, any_yielded = [], 0, True
+            flat = FlatDocs.from_docs(buf)
+            buf, n, any_yielded = [], 0, True  # the documents are let go before the shard is counted
+            yield flat
     if buf or not any_yielded:
-        yield FlatDocs.from_docs(buf)
+        flat = FlatDocs.from_docs(buf)
+        del buf
+        yield flat
 
 
 def build(docs: Docs, order: int, vocab_size: int, out_folder: str | Path, *,
