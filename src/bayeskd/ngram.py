@@ -350,7 +350,7 @@ def _link_chunk(hi: dict, lo: dict, r0: int, r1: int, vocab_size: int, dtype) ->
     return (np.searchsorted(hay, needle) + lo_off[0]).astype(dtype)
 
 
-def link(table: NGramTable, *, chunk_ngrams: int = 1 << 20, threads: int | None = None) -> NGramTable:
+def link(table: NGramTable, *, chunk_ngrams: int = 1 << 18, threads: int | None = None) -> NGramTable:
     """Set each order's ``low`` (see OrderCounts) and return the table. Rows are linked in
     chunks of about ``chunk_ngrams`` n-grams, ``threads`` chunks at a time (default: the CPUs
     this process may use). A saved table (``table.folder``) gets its links written there chunk
@@ -502,6 +502,7 @@ def _count_to(flat: FlatDocs, order: int, vocab_size: int, folder: Path) -> Path
     """Count a shard into ``folder``, writing each order as soon as it is counted."""
     for k, o in enumerate(_count_orders(flat, order, vocab_size), 1):
         NGramTable(k, vocab_size, flat.num_tokens, [o]).save(folder, first_order=k)
+        del o  # written: not held while the next order is counted
     _write_meta(folder, order, vocab_size, flat.num_tokens)
     return folder
 
