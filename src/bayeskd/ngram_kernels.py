@@ -81,6 +81,31 @@ def _select(a, n, t):
 
 
 @numba.njit(nogil=True, cache=True)
+def _sift_up(heap, i):
+    """Restore a min-heap after heap[i] was set (the items before it form a heap)."""
+    while i > 0:
+        p = (i - 1) >> 1
+        if heap[p] <= heap[i]:
+            return
+        heap[p], heap[i] = heap[i], heap[p]
+        i = p
+
+
+@numba.njit(nogil=True, cache=True)
+def _sift_down(heap, n):
+    """Restore the min-heap heap[:n] after its root was replaced."""
+    i = 0
+    while 2 * i + 1 < n:
+        m = 2 * i + 1
+        if m + 1 < n and heap[m + 1] < heap[m]:
+            m += 1
+        if heap[i] <= heap[m]:
+            return
+        heap[i], heap[m] = heap[m], heap[i]
+        i = m
+
+
+@numba.njit(nogil=True, cache=True)
 def _top_sorted(cw, cv, n, k, out_w, out_v, scratch):
     """The k largest of cv[:n] (ties: first in index order) and their cw, descending, into
     out_w, out_v: insertion into the k slots, of only the items not below the k-th largest
@@ -168,14 +193,15 @@ def extend_top(j, rows, dens, pid, pq, offs, toks, cnts, lows, uni, den0, mu, gr
 
     Exact: a word outside succ(h) has q_j = mu q_{j-1} / D, so the top-k lies in succ(h) united
     with the suffix's top-k. A successor outside the suffix's top-k has q_{j-1} <= pq[k-1], so one
-    with count + mu pq[k-1] below the row's k-th largest count cannot reach the top-k (k
-    successors are worth at least that count / D) and its q_{j-1} is never computed; the others
-    read their lower-order counts through the links, for a group of contexts at once (as many as
-    hold at most ``group`` successors, one at least)."""
+    with count + mu pq[k-1] below the row's k-th largest count (or below any lower bound of it)
+    cannot reach the top-k (k successors are worth at least that count / D) and its q_{j-1} is
+    never computed; the others read their lower-order counts through the links, for a group of
+    contexts at once (as many as hold at most ``group`` successors, one at least)."""
     C, k = pid.shape
     mark = np.full(len(uni), -1, np.int32)  # word -> its column in the suffix's top-k
     dup = np.zeros(k, np.bool_)
     tj, cj = toks[j], cnts[j]
+    heap = np.empty(k)
     lo_of, n_of = np.zeros(C, np.int64), np.zeros(C, np.int64)
     for c in range(C):
         r = rows[c, j]
@@ -195,13 +221,23 @@ def extend_top(j, rows, dens, pid, pq, offs, toks, cnts, lows, uni, den0, mu, gr
             lo, n_s = lo_of[c], n_of[c]
             for a in range(k):
                 mark[pid[c, a]] = a
-            kth, floor = -1.0, mu * pq[c, k - 1]
-            if n_s > k:
-                for i in range(n_s):
-                    scratch[i] = cj[lo + i]
-                kth = _select(scratch, n_s, n_s - k)
+            # kth: the k-th largest count among the successors scanned so far (heap: a min-heap
+            # of the k largest). It only grows towards the row's own k-th count, so pruning by
+            # it as the scan goes is safe; a row of at most k successors keeps them all.
+            floor, kth, h, heaped = mu * pq[c, k - 1], -1.0, 0, n_s > k
             for i in range(lo, lo + n_s):
                 w, cnt = tj[i], float(cj[i])
+                if heaped:
+                    if h < k:
+                        heap[h] = cnt
+                        h += 1
+                        _sift_up(heap, h - 1)
+                        if h == k:
+                            kth = heap[0]
+                    elif cnt > kth:
+                        heap[0] = cnt
+                        _sift_down(heap, k)
+                        kth = heap[0]
                 a = mark[w]
                 if a >= 0:
                     cq[n] = pq[c, a]
