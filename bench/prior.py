@@ -11,7 +11,7 @@ sum over the tree). Wall-clock and CPU seconds are both reported: the machine ma
 Queries: "cold" is the first 100k positions after loading (caches empty, table pages not yet
 touched), "warm" the next 100k; the query child's startup (loading the table, importing numba
 and its compiled loops from the cache, one tiny query) is reported apart. The first query on a
-fresh install also compiles the loops (about 10 s, once). Needs psutil and nltk (the bench
+fresh install also compiles the loops (about 13 s, once). Needs psutil and nltk (the bench
 extra); --no-nltk skips the comparison.
 """
 
