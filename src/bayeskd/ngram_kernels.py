@@ -221,18 +221,18 @@ def extend_top(j, rows, dens, pid, pq, offs, toks, cnts, lows, uni, den0, mu, gr
             lo, n_s = lo_of[c], n_of[c]
             for a in range(k):
                 mark[pid[c, a]] = a
-            # kth: the k-th largest count among the successors scanned so far (heap: a min-heap
-            # of the k largest). It only grows towards the row's own k-th count, so pruning by
-            # it as the scan goes is safe; a row of at most k successors keeps them all.
-            floor, kth, h, heaped = mu * pq[c, k - 1], -1.0, 0, n_s > k
+            # kth: the k-th largest count among the successors scanned so far (heap[:filled]: a
+            # min-heap of the k largest). It only grows towards the row's own k-th count, so
+            # pruning by it as the scan goes is safe; a row of at most k successors keeps them all.
+            floor, kth, filled, heaped = mu * pq[c, k - 1], -1.0, 0, n_s > k
             for i in range(lo, lo + n_s):
                 w, cnt = tj[i], float(cj[i])
                 if heaped:
-                    if h < k:
-                        heap[h] = cnt
-                        h += 1
-                        _sift_up(heap, h - 1)
-                        if h == k:
+                    if filled < k:
+                        heap[filled] = cnt
+                        filled += 1
+                        _sift_up(heap, filled - 1)
+                        if filled == k:
                             kth = heap[0]
                     elif cnt > kth:
                         heap[0] = cnt

@@ -226,7 +226,8 @@ def test_query_matches_reference(case, data):
     docs, n, V, mu = case
     counts = ref_counts(docs, n, V)
     prior = NGramPrior(count(docs, n, V), mu=mu, threads=data.draw(st.sampled_from([1, 3])))
-    with knob("_MIN_SLICE", data.draw(st.sampled_from([None, 1]))), knob("_GROUP", data.draw(st.sampled_from([None, 0, 5]))):
+    with (knob("_MIN_SLICE", data.draw(st.sampled_from([None, 1]))),
+          knob("_GROUP", data.draw(st.sampled_from([None, 0, 5])))):
         _check_query(prior, docs, n, V, mu, counts, data)
 
 
@@ -251,7 +252,8 @@ def _check_query(prior, docs, n, V, mu, counts, data):
 def test_leave_one_out_removes_exactly_one_count(case, data):
     docs, n, V, mu = case
     prior = NGramPrior(count(docs, n, V), mu=mu, threads=data.draw(st.sampled_from([1, 3])))
-    with knob("_MIN_SLICE", data.draw(st.sampled_from([None, 1]))), knob("_GROUP", data.draw(st.sampled_from([None, 0, 5]))):
+    with (knob("_MIN_SLICE", data.draw(st.sampled_from([None, 1]))),
+          knob("_GROUP", data.draw(st.sampled_from([None, 0, 5])))):
         _check_loo(prior, docs, n, V, mu, data)
 
 
