@@ -753,6 +753,8 @@ class NGramPrior:
         With ``targets`` [B] the positions are the corpus's own and each is left out
         (leave-one-out). Words other than the target then follow q (normalisers shifted by
         one), so the top-(K+1) of q plus the target's own probability give the top-K."""
+        if int(top_k) < 1:
+            raise ValueError(f"top_k={top_k}: must be >= 1")
         lv = self._levels(contexts)
         s = 0 if targets is None else 1
         k = min(int(top_k), self.V)
@@ -776,6 +778,8 @@ class NGramPrior:
         lv = self._levels(contexts)
         w = np.asarray(token_ids).astype(np.int64)
         B = len(lv[0].inv)
+        if w.size == 0:
+            return np.zeros(w.shape)
         w2 = w.reshape(B, -1)
         u = np.repeat(lv[-1].inv, w2.shape[1])
         if targets is None:

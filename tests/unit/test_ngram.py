@@ -280,6 +280,17 @@ def test_lower_order_prior_and_leave_one_out_checks():
         NGramPrior(table, mu=mu).query(ctx, 3, targets=(tgt + 1) % V)  # not the corpus's own targets
     with pytest.raises(ValueError):
         NGramPrior(table, mu=mu, order=5)
+    with pytest.raises(ValueError, match="top_k=0"):
+        NGramPrior(table, mu=mu).query(ctx, 0)
+
+
+def test_empty_batches():
+    prior = NGramPrior(count([([1], [2, 3, 2])], 3, 5), mu=1.0)
+    none = np.zeros((0, 2), np.int32)
+    batch = prior.query(none, 2, targets=np.zeros(0, np.int32))
+    assert batch.ids.shape == batch.probs.shape == (0, 2) and batch.tail.shape == batch.kappa.shape == (0,)
+    assert prior.prob(none, np.zeros(0, np.int64)).shape == (0,)
+    assert prior.prob(none, np.zeros((0, 3), np.int64), targets=np.zeros(0, np.int64)).shape == (0, 3)
 
 
 @pytest.mark.parametrize("threads,group", [(1, None), (2, None), (2, 200)])
