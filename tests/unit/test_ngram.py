@@ -295,7 +295,7 @@ def test_empty_batches():
 
 @pytest.mark.parametrize("threads,group", [(1, None), (2, None), (2, 200)])
 def test_query_at_realistic_sizes_matches_dense(threads, group):
-    """Many successors per context (the kernel prunes successors by the row's k-th count), a
+    """Many successors per context (the kernel prunes successors by a running k-th count), a
     cache filled by the first call, batches split across threads, and contexts in groups."""
     rng = np.random.default_rng(2)
     V, n = 300, 4
