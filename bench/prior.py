@@ -223,7 +223,7 @@ def main() -> None:
     ap.add_argument("--shard-tokens", type=float, default=4e6)
     ap.add_argument("--positions", type=int, default=100_000, help="query positions per measurement")
     ap.add_argument("--batch", type=int, default=16384, help="positions per query call")
-    ap.add_argument("--threads", type=int, default=None, help="query threads (default: the CPU count)")
+    ap.add_argument("--threads", type=int, default=None, help="query threads (default: the CPUs this process may use)")
     ap.add_argument("--nltk-fit-tokens", type=float, default=1e6, help="tokens nltk fits on (extrapolated to 1M)")
     ap.add_argument("--no-nltk", action="store_true")
     ap.add_argument("--scratch", default=None, help="folder for corpora and tables (default: a temp dir)")
@@ -273,7 +273,9 @@ def main() -> None:
         if size == args.sizes[0] and not args.no_nltk and int(size) == 1_000_000:
             report["nltk"] = nltk_side_by_side(console, corpus, args, report["runs"])
         shutil.rmtree(corpus, ignore_errors=True)
-    threads = args.threads or os.cpu_count()
+    from bayeskd import ngram
+
+    threads = ngram._threads(args.threads)  # what the query children use
     table = Table(title=f"bayeskd.ngram (vocab {V}, K={TOP_K}, mu={MU}, {args.workers} build workers, "
                         f"query batches of {args.batch} in {threads} threads)")
     for h in ("tokens", "n", "build s", "build Mtok/s", "Mtok/cpu-s", "disk MiB", "B/ngram", "peak MiB", "peak/disk",

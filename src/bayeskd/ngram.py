@@ -679,6 +679,11 @@ class NGramPrior:
             u = L.parent[u]
         return rows, dens
 
+    def _table_args(self, s: int) -> tuple:
+        """What the kernels take after their own arguments: the table's arrays, the unigram
+        counts N(w), the unigram normaliser N - s + V and mu."""
+        return (*self._arrays, self._uni, float(self.N - s + self.V), self.mu)
+
     def _parallel(self, n: int, fn) -> None:
         """fn(a, b) over slices [a, b) of n items, in up to ``threads`` threads (the kernels
         release the GIL)."""
@@ -698,9 +703,8 @@ class NGramPrior:
         rows, dens = self._chain(lv, j, np.arange(len(lv[j].keys)), s)
         u, w = np.ascontiguousarray(u, np.int64), np.ascontiguousarray(w, np.int64)
         dec = np.zeros(len(w), bool) if dec is None else np.ascontiguousarray(dec, bool)
-        out, den0, kernel = np.empty(len(w)), float(self.N - s + self.V), self._kernels.q_pairs
-        self._parallel(len(w), lambda a, b: kernel(j, w[a:b], u[a:b], dec[a:b], rows, dens, *self._arrays,
-                                                   self._uni, den0, self.mu, out[a:b]))
+        out, args, kernel = np.empty(len(w)), self._table_args(s), self._kernels.q_pairs
+        self._parallel(len(w), lambda a, b: kernel(j, w[a:b], u[a:b], dec[a:b], rows, dens, *args, out[a:b]))
         if (out < 0).any():
             raise ValueError("leave-one-out: some (context, target) pairs are not in the table")
         return out
@@ -711,9 +715,9 @@ class NGramPrior:
         rows, dens = self._chain(lv, j, u, s)
         pid, pq = np.ascontiguousarray(pid, np.int32), np.ascontiguousarray(pq, np.float64)
         ids, q = np.empty(pid.shape, np.int32), np.empty(pq.shape)
-        den0, kernel = float(self.N - s + self.V), self._kernels.extend_top
-        self._parallel(len(u), lambda a, b: kernel(j, rows[a:b], dens[a:b], pid[a:b], pq[a:b], *self._arrays,
-                                                   self._uni, den0, self.mu, _GROUP, ids[a:b], q[a:b]))
+        args, kernel = self._table_args(s), self._kernels.extend_top
+        self._parallel(len(u), lambda a, b: kernel(j, rows[a:b], dens[a:b], pid[a:b], pq[a:b], *args, _GROUP,
+                                                   ids[a:b], q[a:b]))
         return ids, q
 
     def _top(self, lv: list[_Level], k: int, s: int) -> tuple[np.ndarray, np.ndarray]:

@@ -130,12 +130,41 @@ def _top_sorted(cw, cv, n, k, out_w, out_v, scratch):
 
 
 @numba.njit(nogil=True, cache=True)
+def _link_counts(x, lev, top, lows, cnts, cs):
+    """cs[i, t] = N(h_i, w_t) for levels i = top..1 at or below lev[t], where item t's n-gram
+    (h_lev, w_t) is x[t] in level lev[t] (higher levels: left as they are). The links are read
+    one level at a time over all items: independent reads, which the CPU overlaps (one chain
+    alone waits on each read). Overwrites x."""
+    for i in range(top, 0, -1):
+        ci = cnts[i]
+        for t in range(len(x)):
+            if lev[t] > i:
+                x[t] = lows[i + 1][x[t]]
+            if lev[t] >= i:
+                cs[i, t] = ci[x[t]]
+
+
+@numba.njit(nogil=True, cache=True)
+def _recurrence(top, w, ctx, dec, cs, dens, uni, den0, mu, out):
+    """out[t] = q_top(w[t] | context ctx[t]) from its counts cs[1..top, t], with one count of w
+    removed at every level where dec[t] (-1 where a count to remove is not there)."""
+    for t in range(len(w)):
+        d = 1.0 if dec[t] else 0.0
+        q = (uni[w[t]] + 1.0 - d) / den0 if uni[w[t]] >= d else -1.0
+        for i in range(1, top + 1):
+            if q < 0 or cs[i, t] < d:
+                q = -1.0
+                break
+            q = (cs[i, t] - d + mu * q) / dens[ctx[t], i]
+        out[t] = q
+
+
+@numba.njit(nogil=True, cache=True)
 def q_pairs(j, w, ctx, dec, rows, dens, offs, toks, cnts, lows, uni, den0, mu, out):
     """out[p] = q_j(w[p] | context ctx[p]) for pairs p, with leave-one-out where dec[p]: one
     count of w removed at every level (-1 where a count to remove is not in the table). Each w is
     found in the longest suffix row holding it (shorter suffixes hold it too: their counts follow
-    the links; longer ones have none); the links are then read one level at a time over all
-    pairs, so that the reads overlap."""
+    the links; longer ones have none)."""
     P = len(w)
     x, lev, cs = np.full(P, -1, np.int64), np.zeros(P, np.int64), np.zeros((j + 1, P))
     for p in range(P):
@@ -146,44 +175,18 @@ def q_pairs(j, w, ctx, dec, rows, dens, offs, toks, cnts, lows, uni, den0, mu, o
                 if y >= 0:
                     x[p], lev[p] = y, i
                     break
-    for i in range(j, 0, -1):
-        ci = cnts[i]
-        for p in range(P):
-            if lev[p] > i:
-                x[p] = lows[i + 1][x[p]]
-            if lev[p] >= i:
-                cs[i, p] = ci[x[p]]
-    for p in range(P):
-        d = 1.0 if dec[p] else 0.0
-        q = (uni[w[p]] + 1.0 - d) / den0 if uni[w[p]] >= d else -1.0
-        for i in range(1, j + 1):
-            if q < 0 or cs[i, p] < d:
-                q = -1.0
-                break
-            q = (cs[i, p] - d + mu * q) / dens[ctx[p], i]
-        out[p] = q
+    _link_counts(x, lev, j, lows, cnts, cs)
+    _recurrence(j, w, ctx, dec, cs, dens, uni, den0, mu, out)
 
 
 @numba.njit(nogil=True, cache=True)
 def _lower_q(j, xs, ws, ctx, dens, lows, cnts, uni, den0, mu, out):
     """out[t] = q_{j-1}(ws[t] | the level-(j-1) suffix of context ctx[t]), where xs[t] indexes
-    (that context, ws[t]) in level j. The lower-order counts are read one level at a time over
-    all t: independent reads, which the CPU overlaps (one chain alone waits on each read)."""
+    (that context, ws[t]) in level j."""
     n = len(xs)
-    for t in range(n):
-        out[t] = (uni[ws[t]] + 1.0) / den0
-    if j == 1:
-        return
-    cs = np.empty((j, n))
-    x = xs.copy()
-    for m in range(j - 1, 0, -1):
-        lw, cm = lows[m + 1], cnts[m]
-        for t in range(n):
-            x[t] = lw[x[t]]
-            cs[m, t] = cm[x[t]]
-    for m in range(1, j):
-        for t in range(n):
-            out[t] = (cs[m, t] + mu * out[t]) / dens[ctx[t], m]
+    cs = np.zeros((j, n))
+    _link_counts(xs.copy(), np.full(n, j), j - 1, lows, cnts, cs)
+    _recurrence(j - 1, ws, ctx, np.zeros(n, np.bool_), cs, dens, uni, den0, mu, out)
 
 
 @numba.njit(nogil=True, cache=True)
