@@ -40,7 +40,7 @@ from bayeskd.artifacts import Run  # noqa: E402
 from bayeskd.config import FAULT_KINDS, FaultConfig, ServeConfig, TeacherConfig, load_config  # noqa: E402
 from bayeskd.stages.collect import run_collect  # noqa: E402
 from bayeskd.teachers.base import TeacherError, TeacherRequest  # noqa: E402
-from bayeskd.teachers.faults import sigkill_loop  # noqa: E402
+from sigkill import sigkill_loop  # noqa: E402  (bench/sigkill.py, beside this script)
 from bayeskd.teachers.local import LocalTeacher  # noqa: E402
 from bayeskd.teachers.openai_compat import OpenAITeacher  # noqa: E402
 from bayeskd.teachers.server import BackgroundServer, free_port  # noqa: E402

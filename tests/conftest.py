@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Bench helpers that a short test shares with its benchmark (bench/sigkill.py) import from here.
+sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))
 
 
 def make_records(n: int = 24) -> list[dict]:

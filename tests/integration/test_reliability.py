@@ -24,7 +24,7 @@ from bayeskd.config import FAULT_KINDS, FaultConfig, ServeConfig, TeacherConfig
 from bayeskd.store import ResponseStore
 from bayeskd.teachers import openai_compat
 from bayeskd.teachers.base import TeacherError, TeacherRequest
-from bayeskd.teachers.faults import sigkill_loop
+from sigkill import sigkill_loop  # bench/sigkill.py (tests/conftest.py puts bench/ on the path)
 from bayeskd.teachers.openai_compat import OpenAITeacher
 
 # One torch thread: a tiny model gains nothing from more, and on a busy 2-core machine their
