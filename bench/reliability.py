@@ -266,7 +266,7 @@ def main() -> int:
 
     import torch
 
-    from bayeskd.answers import load_builtin_prompts
+    from bayeskd.prompts import load_builtin_prompts
     from bayeskd.models import build_tiny
 
     torch.set_num_threads(1)

@@ -1,6 +1,6 @@
 """Exact-match scoring of free-form model responses against short reference answers.
 
-The built-in prompt set (``bayeskd/data/prompts.jsonl``, see :func:`load_builtin_prompts`)
+The built-in prompt set (``bayeskd/builtin/prompts.jsonl``, see :func:`bayeskd.prompts.load_builtin_prompts`)
 holds task prompts whose ``answer`` is a short string: a number (``"42"``, ``"0"``) or a
 word (``"Paris"``). Small chat models rarely answer with the bare string, so responses
 are normalised and the answer is looked for in a fixed, documented place.
@@ -46,11 +46,9 @@ Word answers (anything else)
 
 from __future__ import annotations
 
-import json
 import re
 import unicodedata
 from decimal import Decimal, InvalidOperation
-from importlib import resources
 
 __all__ = [
     "NUMERIC_KINDS",
@@ -59,7 +57,6 @@ __all__ = [
     "canonical_number",
     "extract_answer",
     "is_correct",
-    "load_builtin_prompts",
     "normalize_text",
 ]
 
@@ -243,10 +240,3 @@ def is_correct(text: str, answer: str) -> bool:
         return False
     seg = _extract_words(text)
     return seg is not None and f" {ref} " in f" {seg} "
-
-
-def load_builtin_prompts() -> list[dict]:
-    """The shipped prompt set: ``[{"id", "prompt", "kind", "answer"}, ...]`` in file order."""
-    path = resources.files("bayeskd") / "data" / "prompts.jsonl"
-    text = path.read_text(encoding="utf-8")
-    return [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -15,12 +15,12 @@ from bayeskd.answers import (
     canonical_number,
     extract_answer,
     is_correct,
-    load_builtin_prompts,
     normalize_text,
 )
+from bayeskd.prompts import load_builtin_prompts
 
 REPO = Path(__file__).resolve().parents[2]
-GENERATOR = REPO / "src" / "bayeskd" / "data" / "make_prompts.py"
+GENERATOR = REPO / "scripts" / "make_prompts.py"
 
 
 # ------------------------------------------------------------------------------------ numbers
@@ -216,9 +216,9 @@ def _load_generator():
 
 def test_generator_reproduces_shipped_file():
     gen = _load_generator()
-    shipped = (resources.files("bayeskd") / "data" / "prompts.jsonl").read_text(encoding="utf-8")
+    shipped = (resources.files("bayeskd") / "builtin" / "prompts.jsonl").read_text(encoding="utf-8")
     text = gen.render(gen.build_prompts())
-    assert text == shipped, "prompts.jsonl is stale: run python src/bayeskd/data/make_prompts.py"
+    assert text == shipped, "prompts.jsonl is stale: run python scripts/make_prompts.py"
     assert text == gen.render(gen.build_prompts())  # deterministic within a process too
     assert [json.loads(line) for line in text.splitlines()] == load_builtin_prompts()
 

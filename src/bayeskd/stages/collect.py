@@ -11,7 +11,6 @@ for the later stages.
 from __future__ import annotations
 
 import json
-import random
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -21,61 +20,12 @@ from tqdm.auto import tqdm
 from bayeskd.artifacts import Run, fingerprint_file, write_json_atomic
 from bayeskd.config import CollectConfig, Config
 from bayeskd.errors import BayeskdError
+from bayeskd.prompts import load_prompts
 from bayeskd.store import Budget, Ledger, ResponseStore
 from bayeskd.teachers import build_teacher
 from bayeskd.teachers.base import TeacherError, TeacherRequest, TeacherResponse, content_key
 
 CORPUS = "corpus.jsonl"
-
-
-# ---------------------------------------------------------------- prompts
-
-
-def load_prompts(cfg: CollectConfig, seed: int) -> list[dict]:
-    """Prompts as {"id", "messages", "answer"}: builtin, .jsonl, .txt, or a `datasets` folder."""
-    rows = _read_prompt_rows(cfg)
-    prompts = []
-    for i, row in enumerate(rows):
-        messages = row.get("messages")
-        if messages is None:
-            text = row.get(cfg.prompt_field)
-            if not isinstance(text, str) or not text.strip():
-                raise BayeskdError(f"collect.prompts: prompt {i} has no text in field {cfg.prompt_field!r}")
-            messages = [{"role": "user", "content": text}]
-        if cfg.system_prompt and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": cfg.system_prompt}, *messages]
-        prompts.append({"id": str(row.get("id", i)), "messages": messages, "answer": row.get("answer")})
-    if cfg.shuffle:
-        random.Random(seed).shuffle(prompts)
-    if cfg.limit is not None:
-        prompts = prompts[: cfg.limit]
-    if not prompts:
-        raise BayeskdError(f"collect.prompts={cfg.prompts!r}: no prompts found")
-    return prompts
-
-
-def _read_prompt_rows(cfg: CollectConfig) -> list[dict]:
-    if cfg.prompts == "builtin":
-        from bayeskd.answers import load_builtin_prompts
-
-        return load_builtin_prompts()
-    path = Path(cfg.prompts)
-    if not path.exists():
-        raise BayeskdError(f"collect.prompts={cfg.prompts!r}: no such file or folder")
-    if path.is_dir():
-        from datasets import load_from_disk
-
-        return [dict(r) for r in load_from_disk(str(path))]
-    if path.suffix == ".jsonl":
-        rows = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise BayeskdError(f"collect.prompts: {path}:{n} is not valid JSON ({e.msg})") from None
-        return rows
-    return [{cfg.prompt_field: line} for line in path.read_text().splitlines() if line.strip()]
 
 
 # ---------------------------------------------------------------- the plan

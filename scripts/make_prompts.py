@@ -1,10 +1,9 @@
 """Generate ``prompts.jsonl``, the built-in prompt set shipped with bayeskd.
 
-Run either of::
+Run from the repository root::
 
-    python src/bayeskd/data/make_prompts.py            # rewrite the file next to this script
-    python -m bayeskd.data.make_prompts                # same (``bayeskd.data`` is a namespace folder)
-    python src/bayeskd/data/make_prompts.py --check    # exit 1 if the shipped file is stale
+    python scripts/make_prompts.py            # rewrite src/bayeskd/builtin/prompts.jsonl
+    python scripts/make_prompts.py --check    # exit 1 if the shipped file is stale
 
 Standard library only, and deterministic: every random choice comes from a
 ``random.Random`` with a fixed seed, so running it twice writes an identical file.
@@ -32,7 +31,7 @@ from fractions import Fraction
 from pathlib import Path
 
 SEED = 20240611
-OUTPUT = Path(__file__).resolve().with_name("prompts.jsonl")
+OUTPUT = Path(__file__).resolve().parents[1] / "src" / "bayeskd" / "builtin" / "prompts.jsonl"
 
 NUMBER_SUFFIX = "Answer with just the number."
 WORD_SUFFIX = "Answer with one word."
