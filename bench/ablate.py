@@ -30,32 +30,28 @@ def gather(cfg, run, corpus, teacher, proxy, heldout: bool, limit: int):
     import torch
 
     from bayeskd import ngram
+    from bayeskd.estimate import record_evidence
     from bayeskd.evidence import EvidenceMapper
-    from bayeskd.stages.evaluate import _batches, _heldout, _logits
-    from bayeskd.stages.posterior import response_spans
 
-    indices = [i for i, pid in enumerate(corpus.dataset["prompt_id"]) if _heldout(cfg, pid) == heldout]
     mapper = EvidenceMapper(corpus.tokenizer)
     vocab = len(corpus.tokenizer)
     out = {"p_t": [], "p_proxy": [], "ctx": [], "y": [], "ev_ids": [], "ev_p": []}
     n = 0
-    for rows, batch, pos in _batches(corpus, indices, 8, f"ablate: {'heldout' if heldout else 'train'}"):
+    for rb in corpus.batches(corpus.indices(heldout), 8, f"ablate: {'heldout' if heldout else 'train'}"):
         if n >= limit:
             break
-        zt, zp = _logits(teacher, batch, pos), _logits(proxy, batch, pos)
-        for b, row in enumerate(rows):
-            y = batch["labels"][b, pos[b]].numpy()
+        for row, y, zt, zp in zip(rb.rows, rb.labels(), rb.logits(teacher), rb.logits(proxy)):
+            y = y.numpy()
             ids = np.asarray(row["input_ids"])
             out["ctx"].append(ngram.contexts(ids[: len(ids) - len(y)], y, 4, vocab))
             out["y"].append(y)
-            out["p_t"].append(torch.softmax(zt[b] / max(cfg.collect.temperature, 1e-6), -1).double().numpy())
-            out["p_proxy"].append(torch.softmax(zp[b], -1).double().numpy())
-            record = corpus.records[row["index"]]
+            out["p_t"].append(torch.softmax(zt / max(cfg.collect.temperature, 1e-6), -1).double().numpy())
+            out["p_proxy"].append(torch.softmax(zp, -1).double().numpy())
             ev_ids = np.full((len(y), 21), -1, np.int64)
             ev_p = np.zeros((len(y), 21))
-            if record.get("tokens"):
-                spans = response_spans(record, corpus.tokenizer, cfg.data.template, len(y))
-                e_ids, e_p = mapper.evidence(record["text"], record["tokens"], spans)
+            ev = record_evidence(mapper, corpus.records[row["index"]], corpus.tokenizer, cfg.data.template, len(y))
+            if ev is not None:
+                e_ids, e_p = ev
                 ev_ids[:, : e_ids.shape[1]], ev_p[:, : e_p.shape[1]] = e_ids, e_p
             out["ev_ids"].append(ev_ids)
             out["ev_p"].append(ev_p)
@@ -81,8 +77,8 @@ def main() -> None:
     from bayeskd.artifacts import Run
     from bayeskd.config import load_config
     from bayeskd.models import load_causal_lm
-    from bayeskd.stages.corpus import load_corpus
-    from bayeskd.stages.oracle import load_oracle
+    from bayeskd.corpus import load_corpus
+    from bayeskd.oracle import load_oracle
 
     run_dir = ROOT / args.run
     cfg = load_config(args.config, [f"run_dir={run_dir}"])

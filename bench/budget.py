@@ -47,15 +47,15 @@ def bayeskd(*args: str) -> None:
 
 def oracle_probs(cfg, corpus, prober) -> np.ndarray:
     """p_T [P, V] (float32) at every response position, from the oracle (this evaluator only)."""
-    from bayeskd.stages.oracle import load_oracle, response_logits, temperature
+    import torch
+
+    from bayeskd.oracle import load_oracle, temperature
 
     model = load_oracle(cfg, corpus.tokenizer_fp)
     out = np.zeros((len(prober.tokens), len(corpus.tokenizer)), dtype=np.float32)
-    rows = list(range(len(corpus.dataset)))
-    import torch
-
-    for r, (row, z) in enumerate(response_logits(model, corpus, rows, 8, "oracle (evaluator)")):
-        out[prober.starts[r] : prober.starts[r + 1]] = torch.softmax(z / temperature(cfg), -1).numpy()
+    for rb in corpus.batches(range(len(corpus.dataset)), 8, "oracle (evaluator)"):
+        for r, z in zip(rb.indices, rb.logits(model)):
+            out[prober.starts[r] : prober.starts[r + 1]] = torch.softmax(z / temperature(cfg), -1).numpy()
     return out
 
 
@@ -76,6 +76,7 @@ def fidelity(p_t: np.ndarray, prober, mask: np.ndarray) -> dict:
 def spend(cfg, corpus, prior, proxy, source, teacher, p_t, strategy: str, budget: int, out: Path) -> list[dict]:
     from bayeskd.stages.probe import Prober, probe
     from bayeskd.store import Budget, Ledger, ResponseStore
+    from bayeskd.teachers.cached import CachedTeacher
 
     prober = Prober(cfg, corpus, prior, proxy, source, cfg.teacher.key_name)
     curve = [{"tokens": 0, **fidelity(p_t, prober, prober.train), "positions_probed": 0}]
@@ -87,7 +88,8 @@ def spend(cfg, corpus, prior, proxy, source, teacher, p_t, strategy: str, budget
 
     store = ResponseStore(out / strategy / "store")
     try:
-        probe(prober, teacher, store, Budget(Ledger(), budget), strategy, on_round=on_round, progress=False)
+        paid = CachedTeacher(teacher, store, Budget(Ledger(), budget), cfg.teacher.key_name)  # closes nothing: the teacher is shared
+        probe(prober, paid, strategy, on_round=on_round, progress=False)
     finally:
         store.close()
     return curve
@@ -125,9 +127,9 @@ def main() -> None:
     from bayeskd.artifacts import Run
     from bayeskd.config import load_config
     from bayeskd.models import load_causal_lm
-    from bayeskd.stages.collect import build_teacher
-    from bayeskd.stages.corpus import load_corpus
-    from bayeskd.stages.posterior import load_prior
+    from bayeskd.corpus import load_corpus
+    from bayeskd.estimate import load_prior
+    from bayeskd.teachers import build_teacher
     from bayeskd.targets import TargetStore
 
     started = time.perf_counter()

@@ -98,14 +98,14 @@ def trl_sft(cfg, root: Path, seed: int) -> dict:
 
     from bayeskd.artifacts import Run
     from bayeskd.models import load_causal_lm
-    from bayeskd.stages.corpus import load_corpus
-    from bayeskd.stages.evaluate import _heldout, score_students
-    from bayeskd.stages.oracle import load_oracle
+    from bayeskd.corpus import load_corpus
+    from bayeskd.oracle import load_oracle
+    from bayeskd.stages.evaluate import score_students
     from bayeskd.training import resolve_mixed_precision
 
     run = Run(root)
     corpus = load_corpus(cfg, run)
-    train = corpus.split(cfg.data.heldout_fraction, heldout=False)
+    train = corpus.split(heldout=False)
     # The same records bayeskd's `sft` trains on: prompt messages, the teacher's text as the completion.
     rows = [{"prompt": corpus.records[i]["messages"],
              "completion": [{"role": "assistant", "content": corpus.records[i]["text"]}]} for i in train["index"]]  # fmt: skip
@@ -127,7 +127,7 @@ def trl_sft(cfg, root: Path, seed: int) -> dict:
     trainer.train()
     seconds = time.perf_counter() - started
     model = trainer.model.eval()
-    heldout = [i for i, pid in enumerate(corpus.dataset["prompt_id"]) if _heldout(cfg, pid)][: cfg.eval.max_examples]
+    heldout = corpus.indices(heldout=True)[: cfg.eval.max_examples]
     with torch.inference_mode():
         teacher = load_oracle(cfg, corpus.tokenizer_fp)
     metrics = score_students(cfg, corpus, {"sft-trl": model}, teacher, heldout)["sft-trl"]
@@ -141,14 +141,14 @@ def scaling(args, cfg, base: Path, first: int, overrides: list[str]) -> list[dic
     """Fidelity of the estimates at four corpus sizes (the proxy fixed: seed `first`'s)."""
     from bayeskd.artifacts import Run
     from bayeskd.config import load_config
-    from bayeskd.stages.corpus import load_corpus
-    from bayeskd.stages.evaluate import _heldout, score_estimates
-    from bayeskd.stages.oracle import load_oracle
+    from bayeskd.corpus import load_corpus
+    from bayeskd.oracle import load_oracle
+    from bayeskd.stages.evaluate import score_estimates
 
     full = seed_dir(base, first)
     full_cfg = load_config(args.config, [f"run_dir={full}", *overrides])
-    n_train = len({r["prompt_id"] for r in load_corpus(full_cfg, Run(full)).records
-                   if not _heldout(full_cfg, r["prompt_id"])})  # fmt: skip
+    full_corpus = load_corpus(full_cfg, Run(full))
+    n_train = len({r["prompt_id"] for r in full_corpus.records if not full_corpus.is_heldout(r["prompt_id"])})
     sizes = [(max(1, n_train // 4), 1), (max(1, n_train // 2), 1), (n_train, 1), (n_train, None)]
     results = []
     teacher = None
@@ -174,8 +174,7 @@ def scaling(args, cfg, base: Path, first: int, overrides: list[str]) -> list[dic
         corpus = load_corpus(size_cfg, run)
         if teacher is None:
             teacher = load_oracle(size_cfg, corpus.tokenizer_fp)
-        train_tokens = sum(n for n, pid in zip(corpus.dataset["n_response"], corpus.dataset["prompt_id"])
-                           if not _heldout(size_cfg, pid))  # fmt: skip
+        train_tokens = sum(corpus.dataset["n_response"][i] for i in corpus.indices(heldout=False))
         record = {"label": label, "train_prompts": prompts, "samples": samples or cfg.collect.n, "train_tokens": train_tokens,
                   "estimates": {s: score_estimates(size_cfg, run, corpus, teacher, heldout=s == "heldout")
                                 for s in ("train", "heldout")}}  # fmt: skip

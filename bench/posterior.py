@@ -64,7 +64,6 @@ import torch
 
 VOCAB = 49152
 ORDER = 3
-SETS = ("prior", "posterior", "proxy")  # as the stage writes them
 
 
 # ----------------------------------------------------------------------------- setup
@@ -99,10 +98,10 @@ def make_proxy(args: argparse.Namespace):
     return LlamaForCausalLM(cfg).float().eval()
 
 
-def make_evidence(logits: torch.Tensor, pos: torch.Tensor, targets: np.ndarray, width: int,
-                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """ids [P, width] int64 (own token + width-1 distinct others from the proxy's top-32), probs [P, width]."""
-    top = logits[pos - 1].topk(32, dim=-1).indices.numpy()
+def make_evidence(z: torch.Tensor, targets: np.ndarray, width: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """ids [P, width] int64 (own token + width-1 distinct others from the proxy's top-32 at the P
+    positions, logits z [P, V]), probs [P, width]."""
+    top = z.topk(32, dim=-1).indices.numpy()
     P = len(targets)
     ids = np.empty((P, width), np.int64)
     ids[:, 0] = targets
@@ -120,6 +119,7 @@ class Config:
     def __init__(self, mode: str, k: int, evidence: bool, args: argparse.Namespace, table, root: Path | None):
         from bayeskd import ngram
         from bayeskd.config import PosteriorConfig
+        from bayeskd.estimate import TARGET_SETS
         from bayeskd.targets import TargetWriter
 
         self.mode, self.k, self.evidence = mode, k, evidence
@@ -130,20 +130,19 @@ class Config:
         self.prior = ngram.NGramPrior(table, mu=args.mu, order=ORDER)
         self.generator = torch.Generator().manual_seed(args.seed)
         self.folder = (root / self.name) if root is not None else Path(tempfile.mkdtemp())
-        self.writer = TargetWriter(self.folder, SETS, k)
+        self.writer = TargetWriter(self.folder, TARGET_SETS, k)
         self.t_post = self.t_est = self.t_write = self.t_loglik = 0.0
         self.positions = 0
 
     def process(self, logits: torch.Tensor, labels: torch.Tensor, lo: int, ctx: dict) -> None:
         """The stage's per-document work for one batch (documents lo..lo+B), timed."""
-        from bayeskd.stages.posterior import estimate
+        from bayeskd.data import response_logits, response_positions
+        from bayeskd.estimate import estimate
 
         contexts, targets, starts, evidence = ctx["contexts"], ctx["targets"], ctx["starts"], ctx["evidence"]
         t0 = time.perf_counter()
-        for b in range(logits.shape[0]):
+        for b, z in enumerate(response_logits(logits, response_positions(labels))):
             d = lo + b
-            pos = torch.nonzero(labels[b] != -100).squeeze(-1)
-            z = logits[b, pos - 1]  # the logits at t-1 predict the token at t
             sl = slice(int(starts[d]), int(starts[d + 1]))
             loo = targets[sl]
             ev = evidence[d] if self.evidence else None
@@ -158,8 +157,15 @@ class Config:
             self.t_est += t2 - t1
             self.t_write += t3 - t2
             self.t_loglik += t4 - t3
-            self.positions += len(pos)
+            self.positions += len(z)
         self.t_post += time.perf_counter() - t0
+
+
+def doc_logits(logits: torch.Tensor, batch: dict) -> list[torch.Tensor]:
+    """Per document of a batch: the logits [n_response, V] that predict its response tokens."""
+    from bayeskd.data import response_logits, response_positions
+
+    return response_logits(logits, response_positions(batch["labels"]))
 
 
 # ----------------------------------------------------------------------------- run
@@ -168,6 +174,8 @@ class Config:
 def run(args: argparse.Namespace) -> dict:
     from bayeskd import ngram
     from bayeskd.data import Collator
+    from bayeskd.estimate import TARGET_SETS
+    from bayeskd.losses import IGNORE_INDEX
     from bayeskd.targets import TargetStore
 
     t_setup = time.perf_counter()
@@ -176,7 +184,7 @@ def run(args: argparse.Namespace) -> dict:
     contexts, targets = ngram.corpus_contexts(docs, ORDER, VOCAB)
     starts = np.concatenate([[0], np.cumsum([len(r) for _, r in docs])])
     rows = [
-        {"input_ids": np.concatenate([p, r]).tolist(), "labels": [-100] * len(p) + r.tolist(), "index": i}
+        {"input_ids": np.concatenate([p, r]).tolist(), "labels": [IGNORE_INDEX] * len(p) + r.tolist(), "index": i}
         for i, (p, r) in enumerate(docs)
     ]
     proxy = make_proxy(args)
@@ -197,10 +205,8 @@ def run(args: argparse.Namespace) -> dict:
         batch = collate(batch_rows)
         with torch.inference_mode():
             logits = proxy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        ev = {}
-        for b in range(logits.shape[0]):
-            pos = torch.nonzero(batch["labels"][b] != -100).squeeze(-1)
-            ev[lo + b] = make_evidence(logits[b], pos, targets[starts[lo + b] : starts[lo + b + 1]], args.evidence_width, ev_rng)
+        ev = {lo + b: make_evidence(z, targets[starts[lo + b] : starts[lo + b + 1]], args.evidence_width, ev_rng)
+              for b, z in enumerate(doc_logits(logits, batch))}
         n_warm = min(args.warmup_docs, logits.shape[0])
         for m, k, e in specs:
             warm = Config(m, k, e, args, table, root / "warmup")
@@ -218,10 +224,9 @@ def run(args: argparse.Namespace) -> dict:
                 logits = proxy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             t_fwd += time.perf_counter() - t0
             ctx["evidence"] = {}  # not timed: stands in for the collect stage's stored logprobs
-            for b in range(logits.shape[0]):
-                pos = torch.nonzero(batch["labels"][b] != -100).squeeze(-1)
+            for b, z in enumerate(doc_logits(logits, batch)):
                 sl = slice(int(starts[lo + b]), int(starts[lo + b + 1]))
-                ctx["evidence"][lo + b] = make_evidence(logits[b], pos, targets[sl], args.evidence_width, ev_rng)
+                ctx["evidence"][lo + b] = make_evidence(z, targets[sl], args.evidence_width, ev_rng)
             shift = i % len(configs)
             for c in configs[shift:] + configs[:shift]:
                 c.process(logits, batch["labels"], lo, ctx)
@@ -256,7 +261,7 @@ def run(args: argparse.Namespace) -> dict:
                 "proxy_forward_us_per_position": 1e6 * t_fwd / n,
                 "writer_close_s": t_close,
                 "bytes_per_entry": store.bytes_per_entry("posterior"),
-                "bytes_per_entry_all_sets": {s: store.bytes_per_entry(s) for s in SETS},
+                "bytes_per_entry_all_sets": {s: store.bytes_per_entry(s) for s in TARGET_SETS},
             }  # fmt: skip
     return {
         "corpus": {"docs": len(docs), "positions": int(len(targets)), "tokens": sum(len(r["input_ids"]) for r in rows),
@@ -281,11 +286,9 @@ def profile_config(args, table, batches, collate, proxy, ctx, root: Path) -> dic
             logits = proxy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         if ev:
             ctx = dict(ctx, evidence={**evidence})
-            for b in range(logits.shape[0]):
-                pos = torch.nonzero(batch["labels"][b] != -100).squeeze(-1)
+            for b, z in enumerate(doc_logits(logits, batch)):
                 sl = slice(int(ctx["starts"][lo + b]), int(ctx["starts"][lo + b + 1]))
-                ctx["evidence"][lo + b] = make_evidence(logits[b], pos, ctx["targets"][sl], args.evidence_width,
-                                                        np.random.default_rng(lo + b))
+                ctx["evidence"][lo + b] = make_evidence(z, ctx["targets"][sl], args.evidence_width, np.random.default_rng(lo + b))
         prof.enable()
         c.process(logits, batch["labels"], lo, ctx)
         prof.disable()

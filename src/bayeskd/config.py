@@ -407,9 +407,6 @@ class ProbeConfig:
             _check(getattr(self, name) >= 1, f"{path}.{name}", getattr(self, name), "must be >= 1")
 
 
-DISTILL_MODES = ("sft", "bayes", "prior-only", "posterior-only", "proxy-kd", "oracle-kd")
-
-
 @dataclass
 class DistillConfig:
     """Stage `distill`: train one student per mode (method.md, sections 3-4).
@@ -531,6 +528,11 @@ class Config:
     def student_model(self) -> str:
         """The student's model reference: its tokenizer is the one every token-level quantity uses."""
         return self.distill.train.model
+
+    @property
+    def target_stage(self) -> str:
+        """The stage whose `targets/` the Bayesian students train on: `probe` when it spends a budget."""
+        return "probe" if self.probe.budget_tokens is not None else "posterior"
 
     def validate(self) -> Config:
         for f in dataclasses.fields(self):

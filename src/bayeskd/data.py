@@ -128,6 +128,18 @@ def build_dataset(
     return data.filter(lambda n: n > 0, input_columns="n_response")
 
 
+def response_positions(labels: Tensor) -> list[Tensor]:
+    """Per row of labels [B, T]: the positions that have a target (labels != IGNORE_INDEX), in order."""
+    return [torch.nonzero(row != IGNORE_INDEX).squeeze(-1) for row in labels]
+
+
+def response_logits(logits: Tensor, positions: list[Tensor]) -> list[Tensor]:
+    """Per row of a model's logits [B, T, V]: [n_response, V], row t predicting response token t.
+
+    The logits at t-1 predict the token at t (labels are aligned with input_ids)."""
+    return [logits[b, p - 1] for b, p in enumerate(positions)]
+
+
 # ---------------------------------------------------------------- held-out split
 
 
@@ -261,7 +273,7 @@ class Collator:
         else:
             batch["attention_mask"] = _pad([[1] * len(r["input_ids"]) for r in rows], 0, length)
             batch["index"] = torch.tensor([r["index"] for r in rows])
-        label_pos = [torch.nonzero(row != IGNORE_INDEX).squeeze(-1) for row in batch["labels"]]
+        label_pos = response_positions(batch["labels"])
         for name, table in self.targets.items():
             batch.update(self._place(name, table, rows, label_pos, length))
         if self.weights is not None:

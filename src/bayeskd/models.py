@@ -127,6 +127,16 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def check_same_tokenizer(model: str, student: str, student_fp: str, role: str) -> None:
+    """Refuse a model (`role`: proxy, oracle) whose tokenizer is not the student's: its tokens would not line up."""
+    fp = tokenizer_fingerprint(load_tokenizer(model))
+    if fp != student_fp:
+        raise BayeskdError(
+            f"the {role} {model!r} has another tokenizer than the student {student!r} "
+            f"(fingerprints {fp} vs {student_fp}): token-level targets would not line up"
+        )
+
+
 def load_causal_lm(ref: str, dtype: str = "float32", device: str = "cpu", init_layers: int | None = None):
     """Load any AutoModelForCausalLM; a model that is not a causal LM is a clear error.
 

@@ -12,6 +12,20 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from bayeskd.artifacts import Run  # noqa: E402
 
+# posterior-no-logprobs: prior and proxy alone, before the teacher's top-k logprobs fix their
+# tokens; it isolates what the Bayesian update itself adds. one-hot+proxy: the control that
+# Proxy-KD's loss implies, at its best lambda.
+ESTIMATES = ("one-hot", "prior", "proxy", "posterior-no-logprobs", "posterior", "one-hot+proxy")
+
+
+def comparison_table(metrics: dict) -> str:
+    rows = ["| student | bpb | KL to teacher | ROUGE-L | accuracy |", "|---|---|---|---|---|"]
+    for mode, s in metrics["students"].items():
+        acc = "-" if s.get("accuracy") is None else f"{s['accuracy']:.3f}"
+        kl = f"{s['kl_teacher']:.3f}" if "kl_teacher" in s else "-"
+        rows.append(f"| {mode} | {s['bpb']:.4f} | {kl} | {s['rouge_l']:.3f} | {acc} |")
+    return "\n".join(rows)
+
 
 def _training_curves(run: Run, out: Path) -> str | None:
     logs = {"proxy": run.root / "proxy" / "train_log.jsonl"}
@@ -52,7 +66,7 @@ def _fidelity(metrics: dict, out: Path) -> str | None:
     if not settings:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    names = ["one-hot", "prior", "proxy", "posterior-no-logprobs", "posterior", "one-hot+proxy"]
+    names = list(ESTIMATES)
     width = 0.8 / len(settings)
     for i, setting in enumerate(settings):
         xs = [j + i * width for j in range(len(names))]
@@ -76,8 +90,6 @@ def _save(fig, path: Path) -> str:
 
 
 def write_report(run: Run, metrics: dict, out: Path) -> Path:
-    from bayeskd.stages.evaluate import comparison_table
-
     lines = ["# bayeskd evaluation", "", f"Run: `{run.root}`", "", "## Students (held-out prompts)", "",
              comparison_table(metrics), ""]
     n = next(iter(metrics["students"].values()))
@@ -91,7 +103,7 @@ def write_report(run: Run, metrics: dict, out: Path) -> Path:
         lines += ["## Estimates against the teacher", "", "| setting | estimate | KL | top-1 | teacher-token NLL |",
                   "|---|---|---|---|---|"]
         for setting, rows in est.items():
-            for name in ("one-hot", "prior", "proxy", "posterior-no-logprobs", "posterior", "one-hot+proxy"):
+            for name in ESTIMATES:
                 r = rows[name]
                 label = f"{name} (lambda={r['lambda']})" if "lambda" in r else name
                 lines.append(f"| {setting} | {label} | {r['kl']:.3f} | {r['top1']:.3f} | {r['nll']:.3f} |")

@@ -198,7 +198,7 @@ def test_heldout_split_is_deterministic_and_disjoint_by_prompt(tok, corpus_recor
 def test_corpus_selection_cuts_training_prompts_and_samples_but_keeps_the_heldout_set():
     from bayeskd.config import Config, DataConfig
     from bayeskd.data import is_heldout
-    from bayeskd.stages.corpus import select_records
+    from bayeskd.corpus import select_records
 
     records = [{"prompt_id": f"p{i}", "sample_index": s, "text": "x"} for i in range(40) for s in range(3)]
     cfg = Config(data=DataConfig(heldout_fraction=0.25, train_prompts=5, samples=2))

@@ -10,7 +10,7 @@ from bayeskd.distributions import SparseDist
 from bayeskd.errors import BayeskdError
 from bayeskd.evidence import EvidenceMapper
 from bayeskd.models import build_tiny
-from bayeskd.stages.posterior import estimate
+from bayeskd.estimate import estimate
 from bayeskd.targets import TargetStore, TargetWriter
 
 V = 12

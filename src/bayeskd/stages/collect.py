@@ -11,7 +11,6 @@ for the later stages.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,7 +22,8 @@ from bayeskd.errors import BayeskdError
 from bayeskd.prompts import load_prompts
 from bayeskd.store import Budget, Ledger, ResponseStore
 from bayeskd.teachers import build_teacher
-from bayeskd.teachers.base import TeacherError, TeacherRequest, TeacherResponse, content_key
+from bayeskd.teachers.base import Choice, TeacherRequest, TeacherResponse, content_key
+from bayeskd.teachers.cached import Ask, CachedTeacher
 
 CORPUS = "corpus.jsonl"
 
@@ -76,44 +76,32 @@ def run_collect(cfg: Config, run: Run, force: bool = False) -> dict | None:
         ledger.add_record(record)
     todo = [(i, [s for s in range(c.n) if keys[i][s] not in store]) for i in range(len(prompts))]
     todo = [(i, missing) for i, missing in todo if missing]
-    reqs = [request_for(prompts[i], c, len(missing)) for i, missing in todo]
     total = len(prompts) * c.n
-    stats = {"requests": 0, "retries": 0, "failures": 0, "cut_short": 0, "store_repaired": store.repaired}
-    failures: list[dict] = []
-
-    teacher = build_teacher(cfg.teacher) if todo else None
-    bar = tqdm(total=total, initial=total - sum(len(m) for _, m in todo), desc="collect", unit="resp", dynamic_ncols=True)
     budget = Budget(ledger, c.budget_tokens, c.budget_cost)
+    paid = CachedTeacher(build_teacher(cfg.teacher), store, budget, teacher_name) if todo else None
+    jobs = [((i, missing), Ask(request_for(prompts[i], c, len(missing)), tuple(keys[i][s] for s in missing),
+                               {"prompt_id": prompts[i]["id"]})) for i, missing in todo]  # fmt: skip
+    bar = tqdm(total=total, initial=total - sum(len(m) for _, m in todo), desc="collect", unit="resp", dynamic_ncols=True)
+    cut_short = 0
 
-    def requests() -> Iterator[TeacherRequest]:
-        for request in reqs:
-            if not budget.take(request.token_bound()):
-                return
-            stats["requests"] += 1
-            yield request
+    def bodies(job: tuple[int, list[int]], _: TeacherRequest, response: TeacherResponse) -> list[dict]:
+        i, missing = job
+        return [_body(prompts[i], s, choice) for s, choice in zip(missing, response.choices)]
 
     try:
-        for j, result in teacher.stream(requests()) if teacher else ():
-            i, missing = todo[j]
-            budget.release(reqs[j].token_bound())
-            if isinstance(result, TeacherError):
-                stats["failures"] += 1
-                failures.append({"prompt_id": prompts[i]["id"], "keys": [keys[i][s] for s in missing],
-                                 "reason": str(result), "status": result.status})
-                continue
-            stats["retries"] += result.retries
-            stats["cut_short"] += sum(c.finish_reason == "length" for c in result.choices)  # kept: what an API returns
-            _save(store, ledger, teacher_name, prompts[i], missing, keys[i], result)
-            bar.update(len(missing))
+        for _, records in paid.ask(jobs, bodies) if paid else ():
+            cut_short += sum(r["finish_reason"] == "length" for r in records)  # kept: what an API returns
+            bar.update(len(records))
             bar.set_postfix(tokens=ledger.tokens, cost=f"{ledger.cost:.4f}", refresh=False)
     finally:
         store.close()
         bar.close()
-        if teacher:
-            teacher.close()
+        if paid:
+            paid.close()
         write_json_atomic(out / "ledger.json", ledger.to_dict())
-        _write_jsonl(out / "failures.jsonl", failures)
+        _write_jsonl(out / "failures.jsonl", paid.failures if paid else [])
 
+    failures = paid.failures if paid else []
     refused = [f for f in failures if f["status"] == 400]
     if refused:  # bad input: retrying cannot help, so say so now (the stage stays unfinished)
         raise BayeskdError(
@@ -121,13 +109,18 @@ def run_collect(cfg: Config, run: Run, force: bool = False) -> dict | None:
             f"{refused[0]['reason']}; all are listed in {out / 'failures.jsonl'}"
         )
     n_records = _write_corpus(out / CORPUS, store, prompts, keys)
+    stats = paid.stats if paid else {"requests": 0, "retries": 0}
     summary = {
         "prompts": len(prompts),
         "records": n_records,
         "expected": total,
         "tokens": ledger.tokens,
         "cost": round(ledger.cost, 6),
-        **stats,
+        "requests": stats["requests"],
+        "retries": stats["retries"],
+        "failures": len(failures),
+        "cut_short": cut_short,
+        "store_repaired": store.repaired,
         "budget_reached": budget.reached,
     }
     done = n_records == total
@@ -135,27 +128,19 @@ def run_collect(cfg: Config, run: Run, force: bool = False) -> dict | None:
     return summary
 
 
-def _save(store, ledger, teacher_name, prompt, missing, keys, response: TeacherResponse) -> None:
-    call = content_key(keys[missing[0]], "call")
-    usage = {"prompt_tokens": response.usage.prompt_tokens, "completion_tokens": response.usage.completion_tokens}
-    for s, choice in zip(missing, response.choices):
-        record = {
-            "key": keys[s],
-            "prompt_id": prompt["id"],
-            "messages": prompt["messages"],
-            "sample_index": s,
-            "text": choice.text,
-            "finish_reason": choice.finish_reason,
-            "answer": prompt["answer"],
-            "tokens": None if choice.tokens is None else [
-                {"token": t.token, "logprob": t.logprob, "top": [list(a) for a in t.top]} for t in choice.tokens
-            ],
-            "usage": usage,
-            "call": call,
-            "teacher": teacher_name,
-        }
-        store.append(record)
-    ledger.add(teacher_name, call, usage["prompt_tokens"], usage["completion_tokens"])
+def _body(prompt: dict, sample_index: int, choice: Choice) -> dict:
+    """A sample's record, as the next stages read it (`CachedTeacher` adds key, usage, call and teacher)."""
+    return {
+        "prompt_id": prompt["id"],
+        "messages": prompt["messages"],
+        "sample_index": sample_index,
+        "text": choice.text,
+        "finish_reason": choice.finish_reason,
+        "answer": prompt["answer"],
+        "tokens": None if choice.tokens is None else [
+            {"token": t.token, "logprob": t.logprob, "top": [list(a) for a in t.top]} for t in choice.tokens
+        ],
+    }
 
 
 def _write_corpus(path: Path, store: ResponseStore, prompts: list[dict], keys: list[list[str]]) -> int:

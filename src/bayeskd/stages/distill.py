@@ -24,11 +24,10 @@ import numpy as np
 
 from bayeskd.artifacts import Run
 from bayeskd.config import Config
+from bayeskd.corpus import load_corpus
 from bayeskd.errors import BayeskdError
 from bayeskd.losses import make_loss_fn
-from bayeskd.stages.corpus import load_corpus
 from bayeskd.stages.fit import fit
-from bayeskd.stages.probe import target_stage
 from bayeskd.targets import TargetStore
 
 UPPER_BOUND = "oracle-kd is an upper bound: it trains on the true teacher distribution, which a closed API never shows"
@@ -48,12 +47,12 @@ def _plan(cfg: Config, run: Run, mode: str, corpus) -> tuple[dict, dict, list[fl
     if mode == "sft":
         return {"lambda_ce": d.lambda_ce}, {}, None, {}
     if mode == "oracle-kd":
-        from bayeskd.stages.oracle import oracle_targets
+        from bayeskd.oracle import oracle_targets
 
         store = oracle_targets(cfg, run, corpus)
         source = {"posterior": store.table("oracle")}
         return {"lambda_ce": d.lambda_ce, "beta": d.beta}, source, None, {"oracle": store.meta["teacher"]}
-    source = target_stage(cfg)  # `probe` when it ran: the posterior with the teacher's own samples
+    source = cfg.target_stage  # `probe` when it ran: the posterior with the teacher's own samples
     store = TargetStore.open(run.output(source, "targets"))
     store.check(corpus.tokenizer_fp, corpus.corpus_fp)
     extra = {"targets": f"{source}:{(run.manifest(source) or {}).get('fingerprint', '')}"}

@@ -19,51 +19,30 @@ Writes `eval/metrics.json` and `eval/report.md` with plots.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import asdict
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from bayeskd import distributions as D
 from bayeskd import metrics as M
+from bayeskd import ngram
 from bayeskd.answers import is_correct
 from bayeskd.artifacts import Run, write_json_atomic
 from bayeskd.config import Config
-from bayeskd.data import Collator
+from bayeskd.corpus import TokenizedCorpus, load_corpus
 from bayeskd.errors import BayeskdError
+from bayeskd.estimate import load_prior, record_evidence, update
 from bayeskd.evidence import EvidenceMapper
 from bayeskd.models import load_causal_lm
-from bayeskd.stages.corpus import TokenizedCorpus, load_corpus
-from bayeskd.stages.posterior import load_prior, response_spans
-
-# posterior-no-logprobs: prior and proxy alone, before the teacher's top-k logprobs fix their
-# tokens; it isolates what the Bayesian update itself adds.
-ESTIMATES = ("one-hot", "prior", "proxy", "posterior-no-logprobs", "posterior", "one-hot+proxy")
-
-
-def _batches(corpus: TokenizedCorpus, indices: list[int], size: int, desc: str):
-    """(rows, batch, label positions per row) over dataset rows."""
-    collate = Collator(corpus.tokenizer.pad_token_id)
-    for lo in tqdm(range(0, len(indices), size), desc=desc, unit="batch", dynamic_ncols=True):
-        rows = [corpus.dataset[i] for i in indices[lo : lo + size]]
-        batch = collate(rows)
-        pos = [torch.nonzero(batch["labels"][b] != -100).squeeze(-1) for b in range(len(rows))]
-        yield rows, batch, pos
-
-
-def _logits(model, batch, pos) -> list[torch.Tensor]:
-    with torch.inference_mode():
-        z = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-    return [z[b, p - 1] for b, p in enumerate(pos)]
+from bayeskd.report import ESTIMATES, comparison_table, write_report
 
 
 def _oracle(cfg: Config, corpus: TokenizedCorpus):
     if not cfg.eval.oracle:
         return None
-    from bayeskd.stages.oracle import load_oracle
+    from bayeskd.oracle import load_oracle
 
     try:
         return load_oracle(cfg, corpus.tokenizer_fp)
@@ -73,16 +52,17 @@ def _oracle(cfg: Config, corpus: TokenizedCorpus):
 
 
 def score_students(cfg: Config, corpus: TokenizedCorpus, students: dict, teacher, indices: list[int]) -> dict:
+    """bpb, NLL, ROUGE-L, accuracy and (with an oracle `teacher`) KL(p_T || p_S) of each student on `indices`."""
     temp = max(cfg.collect.temperature, 1e-6)
     sums: dict[str, dict] = {m: defaultdict(float) for m in students}
     n_bytes = n_tokens = 0
-    for rows, batch, pos in _batches(corpus, indices, cfg.eval.batch_size, "eval: students"):
-        labels = [batch["labels"][b, p] for b, p in enumerate(pos)]
-        n_bytes += sum(len(corpus.records[r["index"]]["text"].encode()) for r in rows)
+    for rb in corpus.batches(indices, cfg.eval.batch_size, "eval: students"):
+        labels = rb.labels()
+        n_bytes += sum(len(corpus.records[r["index"]]["text"].encode()) for r in rb.rows)
         n_tokens += sum(len(x) for x in labels)
-        zt = _logits(teacher, batch, pos) if teacher is not None else None
+        zt = rb.logits(teacher) if teacher is not None else None
         for mode, model in students.items():
-            for b, z in enumerate(_logits(model, batch, pos)):
+            for b, z in enumerate(rb.logits(model)):
                 sums[mode]["nll"] += float(M.token_nll(z, labels[b]).sum())
                 if zt is not None:
                     p_t = torch.softmax(zt[b] / temp, -1)
@@ -142,35 +122,31 @@ def score_estimates(cfg: Config, run: Run, corpus: TokenizedCorpus, teacher, hel
     prior = load_prior(cfg, run)
     proxy = load_causal_lm(str(run.output("proxy", "final")))
     vocab, p = len(corpus.tokenizer), cfg.posterior
-    indices = [i for i, pid in enumerate(corpus.dataset["prompt_id"]) if _heldout(cfg, pid) == heldout]
-    from bayeskd import ngram
-
+    indices = corpus.indices(heldout)
     mapper = EvidenceMapper(corpus.tokenizer) if p.use_logprobs else None
     acc: dict[str, list] = defaultdict(list)
     lambdas = cfg.eval.control_lambdas
     control = {lam: [] for lam in lambdas}
     positions = 0
     gen = torch.Generator().manual_seed(p.seed)
-    for rows, batch, pos in _batches(corpus, indices, cfg.eval.batch_size, f"eval: fidelity ({'heldout' if heldout else 'train'})"):
+    for rb in corpus.batches(indices, cfg.eval.batch_size, f"eval: fidelity ({'heldout' if heldout else 'train'})"):
         if positions >= cfg.eval.fidelity_positions:
             break
-        zt, zp = _logits(teacher, batch, pos), _logits(proxy, batch, pos)
-        for b, row in enumerate(rows):
-            y = batch["labels"][b, pos[b]].numpy()
+        for row, y, zt, zp in zip(rb.rows, rb.labels(), rb.logits(teacher), rb.logits(proxy)):
+            y = y.numpy()
             ids = np.asarray(row["input_ids"])
             ctx = ngram.contexts(ids[: len(ids) - len(y)], y, prior.order, vocab)
-            p_t = torch.softmax(zt[b] / max(cfg.collect.temperature, 1e-6), -1).double().numpy()
-            p_proxy = torch.softmax(zp[b] / p.proxy_temperature, -1).double().numpy()
+            p_t = torch.softmax(zt / max(cfg.collect.temperature, 1e-6), -1).double().numpy()
+            p_proxy = torch.softmax(zp / p.proxy_temperature, -1).double().numpy()
             # As the student sees it: in the train setting the scored sequence's own counts are in
             # the tables (left out when prior.leave_one_out, as the posterior stage did).
             loo = y if (not heldout and cfg.prior.leave_one_out) else None
             p_prior = prior.dense(ctx, targets=loo)
             kappa = prior.query(ctx, 1, targets=loo).kappa
-            bare = _dense_posterior(p_prior, p_proxy, kappa, cfg, gen)
+            bare = update(p_prior, p_proxy, kappa, p, gen)
             post = bare
-            record = corpus.records[row["index"]]
-            if mapper is not None and record.get("tokens"):
-                ev = mapper.evidence(record["text"], record["tokens"], response_spans(record, corpus.tokenizer, cfg.data.template, len(y)))
+            ev = record_evidence(mapper, corpus.records[row["index"]], corpus.tokenizer, cfg.data.template, len(y))
+            if ev is not None:
                 post = D.apply_evidence(bare, np.tile(np.arange(vocab), (len(y), 1)), *ev)
             one_hot = M.smoothed_one_hot(y, vocab, cfg.eval.one_hot_eps)
             estimates = (("one-hot", one_hot), ("prior", p_prior), ("proxy", p_proxy),
@@ -210,26 +186,6 @@ def _by_position(acc: dict) -> dict:
     return out
 
 
-def _dense_posterior(p_prior, p_proxy, kappa, cfg: Config, gen) -> np.ndarray:
-    p = cfg.posterior
-    if p.mode == "expected":
-        return D.expected(p_prior, p_proxy, kappa, p.m)
-    if p.mode == "sampled":
-        draws = torch.multinomial(torch.from_numpy(p_proxy), int(p.m), replacement=True, generator=gen) if p.m else None
-        counts = np.zeros_like(p_proxy)
-        if draws is not None:
-            np.add.at(counts, (np.repeat(np.arange(len(p_proxy)), draws.shape[1]), draws.numpy().ravel()), 1)
-        return D.sampled(p_prior, counts, kappa, int(p.m))
-    zero = np.zeros(len(p_prior))
-    return D.product(p_prior, p_proxy, zero, zero, p.a, p.b)
-
-
-def _heldout(cfg: Config, prompt_id: str) -> bool:
-    from bayeskd.data import is_heldout
-
-    return is_heldout(prompt_id, cfg.data.heldout_fraction)
-
-
 def run_eval(cfg: Config, run: Run, force: bool = False) -> dict | None:
     corpus = load_corpus(cfg, run)
     done = [m for m in cfg.distill.modes if (run.manifest(f"distill/{m}") or {}).get("status") == "done"]
@@ -239,7 +195,7 @@ def run_eval(cfg: Config, run: Run, force: bool = False) -> dict | None:
     out = run.begin("eval", {"eval": asdict(cfg.eval), "data": cfg.data.identity()}, {"corpus": corpus.corpus_fp, **inputs}, force)
     if out is None:
         return None
-    heldout = [i for i, pid in enumerate(corpus.dataset["prompt_id"]) if _heldout(cfg, pid)][: cfg.eval.max_examples]
+    heldout = corpus.indices(heldout=True)[: cfg.eval.max_examples]
     if not heldout:
         raise BayeskdError("no held-out example: raise data.heldout_fraction or collect more prompts")
     teacher = _oracle(cfg, corpus)
@@ -253,21 +209,6 @@ def run_eval(cfg: Config, run: Run, force: bool = False) -> dict | None:
             for setting in ("train", "heldout")
         }
     write_json_atomic(out / "metrics.json", metrics)
-    from bayeskd.report import write_report
-
     write_report(run, metrics, out)
     run.finish("eval", "done", {"metrics": str(out / "metrics.json"), "report": str(out / "report.md")})
     return {"table": comparison_table(metrics), "report": str(out / "report.md")}
-
-
-def comparison_table(metrics: dict) -> str:
-    rows = ["| student | bpb | KL to teacher | ROUGE-L | accuracy |", "|---|---|---|---|---|"]
-    for mode, s in metrics["students"].items():
-        acc = "-" if s.get("accuracy") is None else f"{s['accuracy']:.3f}"
-        kl = f"{s['kl_teacher']:.3f}" if "kl_teacher" in s else "-"
-        rows.append(f"| {mode} | {s['bpb']:.4f} | {kl} | {s['rouge_l']:.3f} | {acc} |")
-    return "\n".join(rows)
-
-
-def dump(metrics: dict) -> str:
-    return json.dumps(metrics, indent=2)

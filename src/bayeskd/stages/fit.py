@@ -8,7 +8,7 @@ from pathlib import Path
 from bayeskd.config import Config, TrainConfig
 from bayeskd.data import Collator, TargetTable, pack
 from bayeskd.models import load_causal_lm
-from bayeskd.stages.corpus import TokenizedCorpus
+from bayeskd.corpus import TokenizedCorpus
 from bayeskd.training import LossFn, train
 
 
@@ -26,8 +26,8 @@ def fit(
     Returns the summary: steps, final train loss, held-out loss, where the model was saved.
     A rerun after a crash resumes from `out/checkpoints`.
     """
-    train_set = corpus.split(cfg.data.heldout_fraction, heldout=False)
-    eval_set = corpus.split(cfg.data.heldout_fraction, heldout=True)
+    train_set = corpus.split(heldout=False)
+    eval_set = corpus.split(heldout=True)
     collate = Collator(corpus.tokenizer.pad_token_id, targets=targets or {}, weights=weights)
     if cfg.data.packing:
         train_set = pack(train_set, cfg.data.max_length, seed=train_cfg.seed)

@@ -13,7 +13,7 @@ from dataclasses import asdict
 from bayeskd import ngram
 from bayeskd.artifacts import Run
 from bayeskd.config import Config
-from bayeskd.stages.corpus import load_corpus
+from bayeskd.corpus import load_corpus
 
 
 def run_prior(cfg: Config, run: Run, force: bool = False) -> dict | None:
@@ -28,7 +28,7 @@ def run_prior(cfg: Config, run: Run, force: bool = False) -> dict | None:
     out = run.begin("prior", stage_cfg, inputs, force)
     if out is None:
         return None
-    train = corpus.split(cfg.data.heldout_fraction, heldout=False)
+    train = corpus.split(heldout=False)
     vocab = len(corpus.tokenizer)
     table = ngram.build(
         corpus.docs(train), p.order, vocab, out / "tables", shard_tokens=p.shard_tokens, num_workers=p.num_workers

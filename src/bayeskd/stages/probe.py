@@ -50,24 +50,21 @@ from bayeskd import distributions as D
 from bayeskd import ngram
 from bayeskd.artifacts import Run, write_json_atomic
 from bayeskd.config import Config
-from bayeskd.data import Collator, is_heldout, tokenize_record
+from bayeskd.corpus import TokenizedCorpus, load_corpus
+from bayeskd.data import tokenize_record
 from bayeskd.distributions import PAD
+from bayeskd.estimate import TARGET_SETS, estimate, load_prior, proxy_strength, response_spans
 from bayeskd.evidence import EvidenceMapper
-from bayeskd.stages.corpus import TokenizedCorpus, load_corpus
-from bayeskd.stages.posterior import SETS, estimate, load_prior, response_spans
 from bayeskd.store import Budget, Ledger, ResponseStore
 from bayeskd.targets import TargetStore, TargetWriter
-from bayeskd.teachers.base import Teacher, TeacherError, TeacherRequest, content_key
+from bayeskd.teachers import build_teacher
+from bayeskd.teachers.base import TeacherRequest, TeacherResponse, content_key
+from bayeskd.teachers.cached import Ask, CachedTeacher
 
 FALLBACK = (
     "teacher {name} cannot continue a response prefix (teacher.prefix_via={via}); probe falls back to "
     "whole-response sampling: {samples} more responses per query, counted where they share a prefix"
 )
-
-
-def target_stage(cfg: Config) -> str:
-    """The stage whose `targets/` the Bayesian students train on."""
-    return "probe" if cfg.probe.budget_tokens is not None else "posterior"
 
 
 class Prober:
@@ -87,14 +84,14 @@ class Prober:
         self.t_of = np.arange(len(self.tokens)) - self.starts[self.row_of]
         self.prompt_ids = list(data["prompt_id"])
         self.record_of = list(data["index"])
-        row_train = np.array([not is_heldout(pid, cfg.data.heldout_fraction) for pid in self.prompt_ids])
+        row_train = np.array([not corpus.is_heldout(pid) for pid in self.prompt_ids])
         self.train = row_train[self.row_of]
         self.loo = cfg.prior.leave_one_out
         self.kappa = np.zeros(len(self.tokens))
         if self.train.any():
             ctx, y = self.contexts[self.train], self.tokens[self.train]
             self.kappa[self.train] = prior.query(ctx, 1, targets=y if self.loo else None).kappa
-        self.m = 0.0 if cfg.posterior.mode == "product" else float(cfg.posterior.m)
+        self.m = proxy_strength(cfg.posterior)
         ids, probs, tail, ent = [], [], [], []
         for r in range(len(data)):
             rec = self.record_of[r]
@@ -171,22 +168,22 @@ class Prober:
 
     # ---------------------------------------------------------------- asking
 
-    def prefix_request(self, g: int) -> tuple[TeacherRequest, str]:
+    def prefix_request(self, g: int) -> Ask:
         p, c = self.cfg.probe, self.cfg.collect
         messages, prefix = self.record(int(self.row_of[g]))["messages"], self.prefix(g)
         key = content_key(self.teacher_name, messages, prefix, p.samples, p.max_tokens, c.temperature, c.top_p,
                           int(self.n_queries[g]))  # fmt: skip
         request = TeacherRequest.chat(messages, prefix=prefix, n=p.samples, max_tokens=p.max_tokens,
                                       temperature=c.temperature, top_p=c.top_p, seed=_seed(key, p.seed))  # fmt: skip
-        return request, key
+        return Ask(request, (key,), {"prefix": prefix})
 
-    def whole_request(self, prompt_id: str, q: int) -> tuple[TeacherRequest, str]:
+    def whole_request(self, prompt_id: str, q: int) -> Ask:
         p, c = self.cfg.probe, self.cfg.collect
         messages = self.record(self.prompt_ids.index(prompt_id))["messages"]
         key = content_key(self.teacher_name, messages, "whole", p.samples, c.max_tokens, c.temperature, c.top_p, q)
         request = TeacherRequest.chat(messages, n=p.samples, max_tokens=c.max_tokens, temperature=c.temperature,
                                       top_p=c.top_p, seed=_seed(key, p.seed))  # fmt: skip
-        return request, key
+        return Ask(request, (key,), {"prompt_id": prompt_id})
 
     def student_token(self, text: str, finish: str) -> int:
         """The first student token of a continuation; the end of the turn when it stopped at once."""
@@ -227,18 +224,13 @@ class Prober:
         """Recompute the posterior at `positions` with their teacher counts (one proxy pass per row)."""
         positions = np.unique(np.asarray(positions, dtype=np.int64))
         rows = np.unique(self.row_of[positions])
-        collate = Collator(self.tok.pad_token_id)
         bs = self.cfg.posterior.batch_size
         for lo in range(0, len(rows), bs):
-            chunk = rows[lo : lo + bs]
-            batch = collate([self.corpus.dataset[int(r)] for r in chunk])
-            with torch.inference_mode():
-                logits = self.proxy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            for b, r in enumerate(chunk):
+            rb = self.corpus.batch(rows[lo : lo + bs])
+            for r, logits in zip(rows[lo : lo + bs], rb.logits(self.proxy)):
                 mine = positions[self.row_of[positions] == r]
                 t = self.t_of[mine]
-                label_pos = torch.nonzero(batch["labels"][b] != -100).squeeze(-1)
-                z = logits[b, label_pos[torch.from_numpy(t)] - 1]
+                z = logits[torch.from_numpy(t)]
                 ev = self.evidence(int(r))
                 ev = None if ev is None else (ev[0][t], ev[1][t])
                 width = max(len(self.counts.get(int(g), ())) for g in mine) or 1
@@ -258,14 +250,14 @@ class Prober:
 
     def write(self, folder, source: TargetStore) -> None:
         k = self.cfg.posterior.top_k
-        writer = TargetWriter(folder, SETS, k)
+        writer = TargetWriter(folder, TARGET_SETS, k)
         for r in range(len(self.corpus.dataset)):
             rec, sl = self.record_of[r], slice(int(self.starts[r]), int(self.starts[r + 1]))
             n = sl.stop - sl.start
             dists = {
                 name: D.SparseDist(source.rows(rec, f"{name}_ids")[:n], source.rows(rec, f"{name}_probs")[:n].astype(np.float64),
                                    source.rows(rec, f"{name}_tail")[:n].astype(np.float64))
-                for name in SETS if name != "posterior"
+                for name in TARGET_SETS if name != "posterior"
             }  # fmt: skip
             dists["posterior"] = D.SparseDist(self.post_ids[sl], self.post_probs[sl], self.post_tail[sl])
             writer.add(rec, dists, self.entropy[sl])
@@ -276,55 +268,17 @@ def _seed(key: str, seed: int) -> int:
     return (int(key, 16) + seed) % 2**31
 
 
-def ask(teacher: Teacher, jobs: list[tuple[object, TeacherRequest, str]], store: ResponseStore, budget: Budget,
-        teacher_name: str, failures: list) -> Iterator[tuple[object, list[dict]]]:  # fmt: skip
-    """(job id, samples) for each job: from the store when asked before, else from the teacher within
-    the budget. Jobs with the same key (positions with the same prompt and prefix) share one request."""
-    todo: dict[str, tuple[TeacherRequest, list]] = {}
-    for job, request, key in jobs:
-        if key in todo:
-            todo[key][1].append(job)
-            continue
-        if key not in store:
-            todo[key] = (request, [job])
-            continue
-        record = store.get(key)  # asked and paid for before: free now, but it counts against this budget
-        u = record["usage"]
-        if not budget.admit(u["prompt_tokens"] + u["completion_tokens"]):
-            return
-        budget.ledger.add_record(record)
-        yield job, record["samples"]
-    keys = list(todo)
-    cost = [todo[k][0].token_bound() for k in keys]
-
-    def requests() -> Iterator[TeacherRequest]:
-        for j, key in enumerate(keys):
-            if not budget.take(cost[j]):
-                return
-            yield todo[key][0]
-
-    for j, result in teacher.stream(requests()):
-        budget.release(cost[j])
-        key = keys[j]
-        request, waiting = todo[key]
-        if isinstance(result, TeacherError):
-            failures.append({"key": key, "prefix": request.prefix, "reason": str(result), "status": result.status})
-            continue
-        call = content_key(key, "call")
-        usage = {"prompt_tokens": result.usage.prompt_tokens, "completion_tokens": result.usage.completion_tokens}
-        samples = [{"text": ch.text, "finish_reason": ch.finish_reason} for ch in result.choices]
-        store.append({"key": key, "messages": request.message_dicts(), "prefix": request.prefix, "samples": samples,
-                      "usage": usage, "call": call, "teacher": teacher_name})  # fmt: skip
-        budget.ledger.add(teacher_name, call, usage["prompt_tokens"], usage["completion_tokens"])
-        for job in waiting:
-            yield job, samples
+def _bodies(_job: object, request: TeacherRequest, response: TeacherResponse) -> list[dict]:
+    """A probe answer is one record: what was asked and every sample's text."""
+    samples = [{"text": ch.text, "finish_reason": ch.finish_reason} for ch in response.choices]
+    return [{"messages": request.message_dicts(), "prefix": request.prefix, "samples": samples}]
 
 
-def probe(prober: Prober, teacher: Teacher, store: ResponseStore, budget: Budget, strategy: str,
-          on_round: Callable[[dict], None] | None = None, progress: bool = True) -> dict:  # fmt: skip
-    """Query in rounds until the budget or the candidates run out; returns the counts of what happened."""
+def probe(prober: Prober, teacher: CachedTeacher, strategy: str, on_round: Callable[[dict], None] | None = None,
+          progress: bool = True) -> dict:  # fmt: skip
+    """Query in rounds until the budget or the candidates run out; returns the trace of the rounds."""
     p = prober.cfg.probe
-    failures: list[dict] = []
+    budget = teacher.budget
     trace: list[dict] = []
     whole_q: Counter = Counter()
     train_prompts = sorted({prober.prompt_ids[r] for r in np.unique(prober.row_of[prober.train])})
@@ -338,19 +292,19 @@ def probe(prober: Prober, teacher: Teacher, store: ResponseStore, budget: Budget
             picked = [prompt_order[(len(trace) * p.round_size + i) % len(prompt_order)] for i in range(p.round_size)]
             jobs = []
             for pid in picked:
-                jobs.append((pid, *prober.whole_request(pid, whole_q[pid])))
+                jobs.append((pid, prober.whole_request(pid, whole_q[pid])))
                 whole_q[pid] += 1
             absorb = prober.absorb_whole
         else:
             picked = prober.select(strategy, p.round_size)
             if len(picked) == 0:
                 break
-            jobs = [(int(g), *prober.prefix_request(int(g))) for g in picked]
+            jobs = [(int(g), prober.prefix_request(int(g))) for g in picked]
             absorb = prober.absorb_prefix
         touched: list[int] = []
         answered = 0
-        for job, samples in ask(teacher, jobs, store, budget, prober.teacher_name, failures):
-            touched += absorb(job, samples)
+        for job, records in teacher.ask(jobs, _bodies):
+            touched += absorb(job, records[0]["samples"])
             answered += 1
         queries += answered
         if touched:
@@ -365,7 +319,7 @@ def probe(prober: Prober, teacher: Teacher, store: ResponseStore, budget: Budget
         if answered == 0:
             break  # every request failed or the budget allows none: nothing more will happen
     bar.close()
-    return {"trace": trace, "failures": failures}
+    return {"trace": trace}
 
 
 def run_probe(cfg: Config, run: Run, force: bool = False) -> dict | None:
@@ -382,19 +336,18 @@ def run_probe(cfg: Config, run: Run, force: bool = False) -> dict | None:
     if out is None:
         return None
     from bayeskd.models import load_causal_lm
-    from bayeskd.stages.collect import build_teacher
 
     prober = Prober(cfg, corpus, load_prior(cfg, run), load_causal_lm(str(run.output("proxy", "final"))), source,
                     cfg.teacher.key_name)  # fmt: skip
     store = ResponseStore(out / "store", flush_every=cfg.collect.flush_every)
-    teacher = build_teacher(cfg.teacher)
+    budget = Budget(Ledger(price=cfg.collect.price), p.budget_tokens)  # what this run spends, replayed answers included
+    teacher = CachedTeacher(build_teacher(cfg.teacher), store, budget, cfg.teacher.key_name)
     strategy, fallback = p.strategy, False
-    if strategy != "whole" and not teacher.supports_prefix:
+    if strategy != "whole" and not teacher.teacher.supports_prefix:
         print(FALLBACK.format(name=cfg.teacher.key_name, via=cfg.teacher.prefix_via, samples=p.samples))
         strategy, fallback = "whole", True
-    budget = Budget(Ledger(price=cfg.collect.price), p.budget_tokens)  # what this run spends, replayed answers included
     try:
-        result = probe(prober, teacher, store, budget, strategy)
+        result = probe(prober, teacher, strategy)
     finally:
         store.close()
         teacher.close()
@@ -410,7 +363,7 @@ def run_probe(cfg: Config, run: Run, force: bool = False) -> dict | None:
         "budget_tokens": p.budget_tokens,
         "budget_reached": budget.reached,
         "queries": result["trace"][-1]["queries"] if result["trace"] else 0,
-        "failures": len(result["failures"]),
+        "failures": len(teacher.failures),
         "positions_probed": int((prober.n_t > 0).sum()),
         "share_of_training_positions": float((prober.n_t[train] > 0).mean()) if train.any() else 0.0,
         "teacher_samples": int(prober.n_t.sum()),

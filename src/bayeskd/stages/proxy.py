@@ -10,20 +10,10 @@ from dataclasses import asdict
 
 from bayeskd.artifacts import Run
 from bayeskd.config import Config
-from bayeskd.errors import BayeskdError
 from bayeskd.losses import make_loss_fn
-from bayeskd.models import load_tokenizer, tokenizer_fingerprint
-from bayeskd.stages.corpus import load_corpus
+from bayeskd.corpus import load_corpus
+from bayeskd.models import check_same_tokenizer
 from bayeskd.stages.fit import fit
-
-
-def check_same_tokenizer(model: str, student: str, student_fp: str, role: str) -> None:
-    fp = tokenizer_fingerprint(load_tokenizer(model))
-    if fp != student_fp:
-        raise BayeskdError(
-            f"the {role} {model!r} has another tokenizer than the student {student!r} "
-            f"(fingerprints {fp} vs {student_fp}): token-level targets would not line up"
-        )
 
 
 def run_proxy(cfg: Config, run: Run, force: bool = False) -> dict | None:

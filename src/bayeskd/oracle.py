@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from bayeskd import distributions as D
 from bayeskd.artifacts import Run
 from bayeskd.config import Config
-from bayeskd.data import Collator
+from bayeskd.corpus import TokenizedCorpus
 from bayeskd.errors import BayeskdError
-from bayeskd.models import load_causal_lm, load_tokenizer, tokenizer_fingerprint
-from bayeskd.stages.corpus import TokenizedCorpus
+from bayeskd.models import check_same_tokenizer, load_causal_lm
 from bayeskd.targets import TargetStore, TargetWriter
 
 
@@ -32,9 +30,7 @@ def load_oracle(cfg: Config, student_fp: str):
             "for a closed one) or eval.oracle_model (the open model behind a served teacher); a closed "
             "API has no oracle"
         )
-    fp = tokenizer_fingerprint(load_tokenizer(model))
-    if fp != student_fp:
-        raise BayeskdError(f"the oracle teacher {model!r} has another tokenizer than the student")
+    check_same_tokenizer(model, cfg.student_model, student_fp, "oracle teacher")
     return load_causal_lm(model, dtype=cfg.teacher.dtype, device=cfg.teacher.device)
 
 
@@ -48,19 +44,6 @@ def temperature(cfg: Config) -> float:
     return max(cfg.collect.temperature, 1e-6)
 
 
-def response_logits(model, corpus: TokenizedCorpus, indices: list[int], batch_size: int, desc: str):
-    """Yield (dataset row, logits [n_response, V]) for the given dataset rows, predicting each response token."""
-    collate = Collator(corpus.tokenizer.pad_token_id)
-    for lo in tqdm(range(0, len(indices), batch_size), desc=desc, unit="batch", dynamic_ncols=True):
-        rows = [corpus.dataset[i] for i in indices[lo : lo + batch_size]]
-        batch = collate(rows)
-        with torch.inference_mode():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        for b, row in enumerate(rows):
-            pos = torch.nonzero(batch["labels"][b] != -100).squeeze(-1)
-            yield row, logits[b, pos - 1].float()
-
-
 def oracle_targets(cfg: Config, run: Run, corpus: TokenizedCorpus) -> TargetStore:
     """Top-K of the true teacher distribution at every response token (cached in `oracle/`)."""
     k = cfg.posterior.top_k
@@ -70,11 +53,12 @@ def oracle_targets(cfg: Config, run: Run, corpus: TokenizedCorpus) -> TargetStor
         return TargetStore.open(run.root / "oracle" / "targets")
     model = load_oracle(cfg, corpus.tokenizer_fp)
     writer = TargetWriter(out / "targets", ("oracle",), k)
-    for row, z in response_logits(model, corpus, list(range(len(corpus.dataset))), 8, "oracle"):
-        lp, ids = torch.log_softmax(z / temperature(cfg), -1).topk(k, -1)
-        p = lp.exp().double().numpy()
-        dist = D.SparseDist(ids.numpy().astype(np.int32), p, np.clip(1 - p.sum(1), 0, 1))
-        writer.add(row["index"], {"oracle": dist}, D.entropy(dist))
+    for rb in corpus.batches(range(len(corpus.dataset)), 8, "oracle"):
+        for row, z in zip(rb.rows, rb.logits(model)):
+            lp, ids = torch.log_softmax(z / temperature(cfg), -1).topk(k, -1)
+            p = lp.exp().double().numpy()
+            dist = D.SparseDist(ids.numpy().astype(np.int32), p, np.clip(1 - p.sum(1), 0, 1))
+            writer.add(row["index"], {"oracle": dist}, D.entropy(dist))
     writer.close({"tokenizer": corpus.tokenizer_fp, "corpus": corpus.corpus_fp, "teacher": oracle_model(cfg),
                   "note": "the true teacher distribution: an upper bound, never available to the method"})
     run.finish("oracle", "done", {"examples": len(corpus.dataset)})

@@ -1,0 +1,141 @@
+"""The estimate of the teacher's token distributions: the prior, the proxy's evidence and the update.
+
+At a response position t (docs/method.md, sections 1-2) the prior is Dir(kappa_t p_prior,t),
+the proxy's distribution p_P,t = softmax(z_P / tau_P) is worth M pseudo-observations, and
+
+    expected:  p_post = (kappa p_prior + M p_P) / (kappa + M)
+    sampled:   p_post = (kappa p_prior + c) / (kappa + M),    c ~ Multinomial(M, p_P)
+    product:   p_post proportional to p_prior^a p_P^b
+    + teacher: p_post = (A p_post + c_T) / (A + n_T),        A = kappa + M (kappa for `product`)
+
+after which the teacher's own top-k logprobs, where the API returned them, fix their tokens
+(`distributions.apply_evidence`). `update` is the one switch over the modes; it works on any
+candidate set: the sparse candidates of `estimate` (the posterior stage and probe) or the
+whole vocabulary (the dense fidelity measures of `eval`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from bayeskd import distributions as D
+from bayeskd import ngram
+from bayeskd.artifacts import Run
+from bayeskd.config import Config, PosteriorConfig
+from bayeskd.data import render
+from bayeskd.evidence import EvidenceMapper
+
+TARGET_SETS = ("prior", "posterior", "proxy")
+"""The sparse target sets a target store holds, per response token."""
+
+
+def load_prior(cfg: Config, run: Run) -> ngram.NGramPrior:
+    """The prior of a run: its `prior` stage's tables, queried with `prior.*`."""
+    table = ngram.NGramTable.load(run.output("prior", "tables"))
+    return ngram.NGramPrior(table, mu=cfg.prior.mu, order=cfg.prior.order, smoothing=cfg.prior.smoothing)
+
+
+def proxy_strength(cfg: PosteriorConfig) -> float:
+    """M, the proxy's pseudo-counts in the Dirichlet; `product` has none (its strength is kappa alone)."""
+    return 0.0 if cfg.mode == "product" else float(cfg.m)
+
+
+def response_spans(record: dict, tokenizer, template: str, n: int) -> list[tuple[int, int]]:
+    """Character spans, relative to the response text, of the example's first n response tokens."""
+    prompt, full = render(record, tokenizer, template)
+    offsets = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    base = len(prompt)
+    spans = [(a - base, b - base) for a, b in offsets if b > base]
+    spans += [(len(record["text"]), len(record["text"]))] * max(0, n - len(spans))  # an appended EOS
+    return spans[:n]
+
+
+def record_evidence(
+    mapper: EvidenceMapper | None, record: dict, tokenizer, template: str, n: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The teacher's top-k logprobs of a record on its first n response tokens (ids, probs [n, E]), or None.
+
+    None when logprobs are not used (no mapper) or the API returned none for this record; the
+    mapper still counts the positions, so that its summary's shares are of all positions."""
+    if mapper is None:
+        return None
+    if not record.get("tokens"):
+        mapper.stats["positions"] += n
+        return None
+    return mapper.evidence(record["text"], record["tokens"], response_spans(record, tokenizer, template, n))
+
+
+def update(
+    prior: np.ndarray, proxy: np.ndarray, kappa: np.ndarray, cfg: PosteriorConfig, generator: torch.Generator | None
+) -> np.ndarray:
+    """The posterior mean on a candidate set, from the prior's and the proxy's exact probabilities there.
+
+    prior, proxy [N, C] (0 on unused slots); kappa [N]. The candidates may be the whole
+    vocabulary (C = V) or a subset; whatever mass a side has outside them is its tail.
+    """
+    if cfg.mode == "expected":
+        return D.expected(prior, proxy, kappa, cfg.m)
+    if cfg.mode == "sampled":
+        # M draws from the proxy, counted on the candidates: drawing over the candidates plus one
+        # "any other token" bucket gives the candidates' counts exactly the same distribution as
+        # drawing over the whole vocabulary, at the cost of C + 1 categories instead of V.
+        m = int(cfg.m)
+        counts = np.zeros_like(prior)
+        if m:
+            other = np.clip(1 - proxy.sum(1, keepdims=True), 0, 1)
+            cats = torch.from_numpy(np.concatenate([proxy, other], 1))
+            draws = torch.multinomial(cats.clamp_min(0) + 1e-300, m, replacement=True, generator=generator)
+            counts = torch.zeros(cats.shape, dtype=torch.float64).scatter_add_(1, draws, torch.ones(draws.shape, dtype=torch.float64))
+            counts = counts[:, :-1].numpy()
+        return D.sampled(prior, counts, kappa, m)
+    return D.product(prior, proxy, 1 - prior.sum(1), 1 - proxy.sum(1), cfg.a, cfg.b)
+
+
+def estimate(
+    prior: ngram.NGramPrior,
+    contexts: np.ndarray,
+    loo: np.ndarray | None,
+    proxy_logits: torch.Tensor,
+    cfg: PosteriorConfig,
+    k_prior: int,
+    evidence: tuple[np.ndarray, np.ndarray] | None = None,
+    generator: torch.Generator | None = None,
+    teacher_counts: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[dict[str, D.SparseDist], np.ndarray]:
+    """Prior, posterior and proxy targets at P positions (sparse, `TARGET_SETS`), and the posterior's entropy.
+
+    contexts [P, n-1]; loo [P] the positions' own tokens for leave-one-out (or None);
+    proxy_logits [P, V]; evidence (ids [P, E], probs [P, E]) from the teacher's logprobs;
+    teacher_counts (ids [P, S], counts [P, S], PAD / 0 where unused): the teacher's own samples
+    at each prefix (stage `probe`), added to the Dirichlet before the logprob evidence.
+    The posterior is exact on the candidates: the union of the prior's top `k_prior`, the
+    proxy's top `cfg.top_k` and every evidence and counted id.
+    """
+    pb = prior.query(contexts, k_prior, targets=loo)
+    z = proxy_logits.float()
+    logp = torch.log_softmax(z if cfg.proxy_temperature == 1.0 else z / cfg.proxy_temperature, dim=-1)
+    top_lp, top_ids = logp.topk(cfg.top_k, dim=-1)
+    sets = [pb.ids, top_ids.numpy()]
+    if evidence is not None:
+        sets.append(evidence[0])
+    if teacher_counts is not None:
+        sets.append(teacher_counts[0])
+    cand = D.union_ids(*sets)
+    valid = cand >= 0
+    safe = np.where(valid, cand, 0)
+    prior_c = np.where(valid, prior.prob(contexts, safe, targets=loo), 0.0)
+    proxy_c = np.where(valid, logp.gather(1, torch.from_numpy(safe)).exp().double().numpy(), 0.0)
+    post = update(prior_c, proxy_c, pb.kappa, cfg, generator)
+    if teacher_counts is not None:
+        post = D.add_counts(post, D.counts_on(cand, *teacher_counts), pb.kappa + proxy_strength(cfg))
+    if evidence is not None:
+        post = D.apply_evidence(post, cand, *evidence)
+    posterior = D.top_k(cand, post, cfg.top_k)
+    top_p = top_lp.exp().double().numpy()
+    dists = {
+        "prior": D.SparseDist(pb.ids, pb.probs, pb.tail),
+        "posterior": posterior,
+        "proxy": D.SparseDist(top_ids.numpy().astype(np.int32), top_p, np.clip(1 - top_p.sum(1), 0, 1)),
+    }
+    return dists, D.entropy(posterior)
