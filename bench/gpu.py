@@ -5,7 +5,7 @@ loop (accelerate, mixed precision `auto` -> bf16) on a student of SmolLM2-135M's
 
 Needs a CUDA device; CI never runs it (the test suite covers the same code on CPU).
 
-1. Loss: `objective(logits, labels, posterior=K-sparse targets, beta=1)` on bf16 logits
+1. Loss: `objective(logits, labels, target=K-sparse targets, beta=1)` on bf16 logits
    [1, T, 49152] on the GPU, against the same loss computed in float64 with plain autograd:
    relative error of the loss and of the gradient (max |diff| / max |grad|).
 2. Training: `bayeskd.training.train` (the loop every stage uses) on a Llama built from
@@ -31,20 +31,21 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from bayeskd.config import TrainConfig  # noqa: E402
-from bayeskd.losses import IGNORE_INDEX, SparseTargets, make_loss_fn, objective  # noqa: E402
+from bayeskd.distributions import SparseDist  # noqa: E402
+from bayeskd.losses import IGNORE_INDEX, make_loss_fn, objective  # noqa: E402
 from bayeskd.training import train  # noqa: E402
 
 VOCAB = 49152
 K = 32
 
 
-def sparse_targets(shape: tuple[int, ...], device: torch.device, gen: torch.Generator) -> SparseTargets:
+def sparse_targets(shape: tuple[int, ...], device: torch.device, gen: torch.Generator) -> SparseDist:
     """Random K-sparse distributions: K distinct ids per position, 90% of the mass on them."""
     n = int(torch.tensor(shape).prod())
     ids = torch.stack([torch.randperm(VOCAB, generator=gen)[:K] for _ in range(n)]).view(*shape, K)
     probs = torch.rand(*shape, K, generator=gen)
     probs = probs / probs.sum(-1, keepdim=True) * 0.9
-    return SparseTargets(ids.int().to(device), probs.to(device), (1 - probs.sum(-1)).to(device))
+    return SparseDist(ids.int().to(device), probs.to(device), (1 - probs.sum(-1)).to(device))
 
 
 def loss_check(device: torch.device, length: int = 2049) -> dict:
@@ -53,7 +54,7 @@ def loss_check(device: torch.device, length: int = 2049) -> dict:
     labels = torch.randint(0, VOCAB, (1, length), generator=gen).to(device)
     labels[0, 0] = IGNORE_INDEX
     t = sparse_targets((1, length), device, gen)
-    out = objective(logits, labels, posterior=t, beta=1.0)
+    out = objective(logits, labels, target=t, beta=1.0)
     out.loss.backward()
 
     # float64 reference: logits row i predicts the label (and its targets) at i + 1
@@ -91,7 +92,7 @@ def rows(batch: int, seq: int, with_targets: bool) -> list[dict]:
         row = {"input_ids": ids, "attention_mask": torch.ones(seq, dtype=torch.long), "labels": labels}
         if with_targets:
             t = sparse_targets((seq,), torch.device("cpu"), gen)
-            row |= {"posterior_ids": t.ids, "posterior_probs": t.probs, "posterior_tail": t.tail}
+            row |= {"target_ids": t.ids, "target_probs": t.probs, "target_tail": t.tail}
         out.append(row)
     return out
 

@@ -13,7 +13,7 @@ noisy; CPU time with --threads 1 is the steadiest measure of the work a step doe
 Configurations:
   sft-hf      F.cross_entropy on the shifted logits, as transformers' ForCausalLMLoss computes it
   sft         objective(lambda_ce=1): the same loss through bayeskd's fused kernel
-  kd-K32      objective(lambda_ce=1, beta=1) with posterior targets, K = 32
+  kd-K32      objective(lambda_ce=1, beta=1) with sparse targets, K = 32
   kd-K64      same, K = 64
   kd-prior+post-K64   lambda_ce=1, alpha=1, beta=1: two target sets of K = 64
 
@@ -45,7 +45,8 @@ def build(args: argparse.Namespace, device: torch.device):
     """(model, optimizer, {config: loss function of logits}) with fixed random data."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from bayeskd.losses import IGNORE_INDEX, SparseTargets, objective
+    from bayeskd.distributions import SparseDist
+    from bayeskd.losses import IGNORE_INDEX, objective
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
@@ -59,21 +60,21 @@ def build(args: argparse.Namespace, device: torch.device):
     labels = ids.clone()
     labels[:, : t // 4] = IGNORE_INDEX
 
-    def targets(k: int) -> SparseTargets:
+    def targets(k: int) -> SparseDist:
         # clone(): a view would keep each 49152-long permutation alive until the stack, and the
         # freed heap would then quietly host the step's big tensors and hide them from the RSS.
         top = torch.stack([torch.randperm(VOCAB)[:k].clone() for _ in range(b * t)]).view(b, t, k)
         probs = torch.rand(b, t, k)
         probs = probs / probs.sum(-1, keepdim=True) * 0.9
-        return SparseTargets(top.int().to(device), probs.to(device), (1 - probs.sum(-1)).to(device))
+        return SparseDist(top.int().to(device), probs.to(device), (1 - probs.sum(-1)).to(device))
 
     t32, t64, prior64 = targets(32), targets(64), targets(64)
     shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1)
     losses = {
         "sft-hf": lambda z: F.cross_entropy(z.float().view(-1, VOCAB), shifted, reduction="sum"),
         "sft": lambda z: objective(z, labels).loss,
-        "kd-K32": lambda z: objective(z, labels, posterior=t32, beta=1.0).loss,
-        "kd-K64": lambda z: objective(z, labels, posterior=t64, beta=1.0).loss,
+        "kd-K32": lambda z: objective(z, labels, target=t32, beta=1.0).loss,
+        "kd-K64": lambda z: objective(z, labels, target=t64, beta=1.0).loss,
         "kd-prior+post-K64": lambda z: objective(z, labels, prior64, t64, alpha=1.0, beta=1.0).loss,
     }
     return model, optimizer, ids, losses

@@ -46,6 +46,24 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def target_set(tmp_path):
+    """make(per_record, k, name): numpy SparseDists by corpus record, written to a real target store; returns its set."""
+    import numpy as np
+
+    from bayeskd.targets import TargetStore, TargetWriter
+
+    def make(per_record: dict, k: int, name: str = "posterior"):
+        folder = tmp_path / f"targets-{name}"
+        writer = TargetWriter(folder, (name,), k)
+        for index, dist in sorted(per_record.items()):
+            writer.add(index, {name: dist}, np.zeros(len(dist.ids)))
+        writer.close({})
+        return TargetStore.open(folder).table(name)
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def corpus_records() -> list[dict]:
     return make_records()

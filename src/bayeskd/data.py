@@ -4,8 +4,8 @@ A corpus record (what `collect` writes, one JSON a line) becomes one example: th
 messages and the teacher's response, formatted with the chat template (or as plain text),
 tokenized, with labels only on the response tokens. Each example keeps `index` (its record's
 position in the corpus) and `n_response` (its number of label positions), which is how
-per-response-token targets stored flat in corpus order (`TargetTable`) find their positions:
-row j of record i's targets is the distribution of the j-th label of example i.
+per-response-token targets stored by record (a `targets.TargetStore` set) find their
+positions: row j of record i's targets is the distribution of the j-th label of example i.
 
 Row layouts the `Collator` turns into batches:
 
@@ -24,14 +24,14 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
-import numpy as np
 import torch
 from datasets import Dataset
 from torch import Tensor
 
-from bayeskd.losses import IGNORE_INDEX, TARGET_SETS, SparseTargets
+from bayeskd.distributions import SparseDist
+from bayeskd.losses import IGNORE_INDEX, LOSS_TARGETS
 
 
 class DataError(ValueError):
@@ -153,17 +153,6 @@ def is_heldout(prompt_id: str, fraction: float, salt: str = "heldout") -> bool:
     return int.from_bytes(digest[:8], "big") < fraction * 2**64
 
 
-def split_heldout(data: Dataset, fraction: float, salt: str = "heldout") -> tuple[Dataset, Dataset]:
-    """(train, heldout) by `is_heldout` on the `prompt_id` column; disjoint by prompt."""
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"split_heldout: fraction={fraction!r} must be in [0, 1]")
-    held = [is_heldout(p, fraction, salt) for p in data["prompt_id"]]
-    return (
-        data.select([i for i, h in enumerate(held) if not h]),
-        data.select([i for i, h in enumerate(held) if h]),
-    )
-
-
 # ---------------------------------------------------------------- packing
 
 
@@ -197,36 +186,12 @@ def pack(data: Dataset, max_length: int, seed: int | None = None) -> Dataset:
 # ---------------------------------------------------------------- sparse targets
 
 
-@dataclass(frozen=True)
-class TargetTable:
-    """Per-response-token sparse targets of a whole corpus, flat in corpus order.
+class TargetSource(Protocol):
+    """Sparse targets by corpus record, one row per response token (a `targets.TargetStore` set)."""
 
-    ids [N, K] (int, -1 = unused slot), probs [N, K], tail [N] (numpy arrays, memmaps or
-    tensors); rows offsets[i]:offsets[i+1] belong to corpus record i, one per response token
-    in order. A record may have more rows than its (truncated) example has labels: the
-    first n_response are used.
-    """
-
-    ids: Any
-    probs: Any
-    tail: Any
-    offsets: Any
-
-    @classmethod
-    def from_lengths(cls, ids: Any, probs: Any, tail: Any, lengths: Sequence[int]) -> TargetTable:
-        """Build from the number of target rows of each record, in corpus order."""
-        offsets = np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))])
-        if offsets[-1] != len(ids):
-            raise DataError(f"TargetTable: lengths sum to {offsets[-1]} but there are {len(ids)} target rows")
-        return cls(ids, probs, tail, offsets)
-
-    def example(self, index: int, n: int) -> SparseTargets:
-        """The first n target rows of record `index`: ids / probs [n, K], tail [n]."""
-        start, stop = int(self.offsets[index]), int(self.offsets[index + 1])
-        if stop - start < n:
-            raise DataError(f"record {index}: {stop - start} target rows for {n} response labels")
-        sl = slice(start, start + n)
-        return SparseTargets(*(torch.as_tensor(np.asarray(x[sl])) for x in (self.ids, self.probs, self.tail)))
+    def example(self, index: int, n: int) -> SparseDist:
+        """The first n rows of record `index`, as tensors: ids / probs [n, K], tail [n]."""
+        ...
 
 
 def _as_list(x: Any) -> list:
@@ -244,20 +209,20 @@ class Collator:
     Batch fields: input_ids [B, T], labels [B, T] (-100 = no target); padded rows add
     attention_mask [B, T] and index [B]; packed rows add position_ids [B, T] (the padding
     tail is one more sequence, positions from 0, so it attends only to itself). With
-    `targets` (name -> TargetTable; names in losses.TARGET_SETS) each set adds
+    `targets` (name -> TargetSource; names in losses.LOSS_TARGETS) each adds
     `{name}_ids` [B, T, K] (-1 elsewhere), `{name}_probs` [B, T, K], `{name}_tail` [B, T]
     (0 elsewhere), placed exactly at the label positions. With `weights` (one per corpus
     record) it adds `weights`: [B] for padded rows, [B, T] (per token) for packed rows.
     """
 
     pad_token_id: int
-    targets: Mapping[str, TargetTable] = field(default_factory=dict)
+    targets: Mapping[str, TargetSource] = field(default_factory=dict)
     weights: Sequence[float] | None = None
 
     def __post_init__(self) -> None:
-        unknown = set(self.targets) - set(TARGET_SETS)
+        unknown = set(self.targets) - set(LOSS_TARGETS)
         if unknown:
-            raise ValueError(f"Collator: unknown target set {sorted(unknown)}; expected names in {TARGET_SETS}")
+            raise ValueError(f"Collator: unknown targets {sorted(unknown)}; expected names in {LOSS_TARGETS}")
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
         packed = "position_ids" in rows[0]
@@ -281,13 +246,13 @@ class Collator:
         return batch
 
     def _place(
-        self, name: str, table: TargetTable, rows: Sequence[Mapping[str, Any]], label_pos: list[Tensor], length: int
+        self, name: str, table: TargetSource, rows: Sequence[Mapping[str, Any]], label_pos: list[Tensor], length: int
     ) -> dict[str, Tensor]:
         """Scatter each row's examples' targets, concatenated in order, onto its label positions."""
         per_row = []
         for r, pos in zip(rows, label_pos):
             parts = [table.example(int(i), int(n)) for i, n in zip(_as_list(r["index"]), _as_list(r["n_response"]))]
-            t = SparseTargets(*(torch.cat(x) for x in zip(*parts)))
+            t = SparseDist(*(torch.cat(x) for x in zip(*parts)))
             if len(t.tail) != len(pos):
                 raise DataError(f"{name} targets: {len(t.tail)} rows for {len(pos)} label positions")
             per_row.append(t)

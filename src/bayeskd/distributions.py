@@ -21,23 +21,24 @@ Shapes: N positions, C candidates per position (id -1 marks an unused slot, prob
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 
 PAD = -1
 
 
-@dataclass
-class SparseDist:
-    """Per position: ids [N, K] int32 (PAD where unused), probs [N, K], tail [N] = 1 - sum(probs)."""
+class SparseDist(NamedTuple):
+    """A top-K distribution with the rest of its mass as one tail bucket, at each position.
 
-    ids: np.ndarray
-    probs: np.ndarray
-    tail: np.ndarray
+    ids [..., K] int (PAD where unused; distinct within a position), probs [..., K], tail [...] =
+    1 - sum(probs). numpy arrays where the estimate is made and stored, torch tensors where the
+    losses read it (`losses`, `data.Collator`): one idea, one type.
+    """
 
-    def __len__(self) -> int:
-        return len(self.ids)
+    ids: Any
+    probs: Any
+    tail: Any
 
     def dense(self, vocab_size: int) -> np.ndarray:
         """[N, V] with the tail spread uniformly over the other tokens (for tests and small V)."""

@@ -7,9 +7,9 @@ Conventions, shared by every function here:
   logits. Only `objective` (and the `make_loss_fn` built on it) takes a model's logits and a
   batch in the Hugging Face convention (labels aligned with `input_ids`, -100 = no target)
   and does the causal shift itself.
-- Sparse targets (`SparseTargets`): `ids` [..., K] (int; -1 marks an unused slot), `probs`
-  [..., K] and `tail` [...] = 1 - sum(probs), the teacher's mass on every other token, kept
-  as one bucket. Ids must be distinct within a position.
+- Sparse targets (`distributions.SparseDist` of tensors): `ids` [..., K] (int; -1 marks an
+  unused slot), `probs` [..., K] and `tail` [...] = 1 - sum(probs), the teacher's mass on every
+  other token, kept as one bucket. Ids must be distinct within a position.
 - Per-token functions return [...]; `masked_sum` / `masked_mean` reduce them over response
   tokens, with optional per-sample ([B]) or per-token ([B, T]) weights.
 - Temperature `tau` divides the student's logits (and a dense teacher's); KL terms are then
@@ -33,11 +33,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bayeskd.distributions import SparseDist
+
 IGNORE_INDEX = -100
 """Label value that marks a position without a target (prompt, padding)."""
 
-TARGET_SETS = ("prior", "posterior")
-"""Names of the sparse target sets a batch may carry: keys `{name}_ids`, `{name}_probs`, `{name}_tail`."""
+LOSS_TARGETS = ("prior", "target")
+"""The sparse targets a batch may carry (keys `{name}_ids`, `{name}_probs`, `{name}_tail`): `prior`
+for the alpha term, `target` for the beta term (the posterior, or the proxy's or the oracle's
+distribution, as the distill mode says)."""
 
 # log(1 - sum q_K) from the K gathered values is cheap but loses digits to cancellation when
 # the student puts almost all its mass on K; below this tail mass the tail is summed exactly
@@ -48,14 +52,6 @@ _EXACT_TAIL_BELOW = 1e-2
 # (or K covers the vocabulary). The floor keeps the tail term r (log r - log u) and its
 # gradient factor r / u finite; it changes nothing until u < 2e-35.
 _MIN_LOG_TAIL = -80.0
-
-
-class SparseTargets(NamedTuple):
-    """Top-K teacher distribution plus one tail bucket, at each position."""
-
-    ids: Tensor  # [..., K] int; -1 = unused slot
-    probs: Tensor  # [..., K]
-    tail: Tensor  # [...]
 
 
 class LossOutput(NamedTuple):
@@ -96,11 +92,6 @@ def masked_mean(values: Tensor, mask: Tensor, weights: Tensor | None = None) -> 
     """
     total, n = masked_sum(values, mask, weights)
     return total / n.clamp_min(1)
-
-
-def label_mask(labels: Tensor) -> Tensor:
-    """Response-token mask [B, T] from labels [B, T]: True where a target exists."""
-    return labels != IGNORE_INDEX
 
 
 # ---------------------------------------------------------------- sparse targets
@@ -256,7 +247,7 @@ class _SparseKD(torch.autograd.Function):
         return (grad, None, None, *([None] * (3 * len(terms))))
 
 
-def sparse_kl(logits: Tensor, targets: SparseTargets, tau: float = 1.0) -> Tensor:
+def sparse_kl(logits: Tensor, targets: SparseDist, tau: float = 1.0) -> Tensor:
     """Forward KL(p_teacher || q_student) with the tail bucket, per position.
 
     logits [..., V]; targets.ids / probs [..., K], tail [...]  ->  [...]. tau divides the
@@ -334,8 +325,8 @@ def _flat_rows(x: Tensor, rows: Tensor | None) -> Tensor:
 def objective(
     logits: Tensor,
     labels: Tensor,
-    prior: SparseTargets | None = None,
-    posterior: SparseTargets | None = None,
+    prior: SparseDist | None = None,
+    target: SparseDist | None = None,
     *,
     lambda_ce: float = 1.0,
     alpha: float = 0.0,
@@ -343,10 +334,10 @@ def objective(
     tau: float = 1.0,
     weights: Tensor | None = None,
 ) -> LossOutput:
-    """L = lambda_ce * CE + alpha * KL(p_prior || p_S) + beta * KL(p_post || p_S), summed over response tokens.
+    """L = lambda_ce * CE + alpha * KL(p_prior || p_S) + beta * KL(p_target || p_S), summed over response tokens.
 
     logits [B, T, V] straight from the model; labels [B, T] aligned with input_ids (-100: no
-    target); prior / posterior sparse targets aligned with the labels (ids / probs [B, T, K],
+    target); prior / target sparse targets aligned with the labels (ids / probs [B, T, K],
     tail [B, T]: the distribution of the token at that label position); weights [B] or [B, T].
     The causal shift (logits at t predict the label at t+1) happens here.
 
@@ -358,8 +349,8 @@ def objective(
     (divide by n_tokens for the mean) and, in `parts`, each term's sum.
     """
     batch, length, _ = logits.shape
-    target = _shift(labels, IGNORE_INDEX)
-    mask = target != IGNORE_INDEX
+    next_labels = _shift(labels, IGNORE_INDEX)
+    mask = next_labels != IGNORE_INDEX
     # Selecting the target rows costs a copy of them (and its backward); worth it only when
     # many positions are prompt or padding. Otherwise compute every row and mask afterwards.
     rows = mask.reshape(-1).nonzero().squeeze(-1) if mask.float().mean() < 0.5 else None
@@ -369,14 +360,14 @@ def objective(
     if lambda_ce:
         names.append("ce")
         coefs.append(lambda_ce)
-    for name, coef, t in (("prior", alpha, prior), ("posterior", beta, posterior)):
+    for name, coef, t in (("prior", alpha, prior), ("target", beta, target)):
         if coef and t is None:
             raise ValueError(f"objective: {name} weight {coef} is non-zero but no {name} targets were given")
         if coef:
             names.append(name)
             coefs.append(coef)
             flat_targets += [_flat_rows(_shift(x, fill), rows) for x, fill in zip(t, (-1, 0.0, 0.0))]
-    y = _flat_rows(target, rows).long().clamp_min(-1) if lambda_ce else None
+    y = _flat_rows(next_labels, rows).long().clamp_min(-1) if lambda_ce else None
     per_token = _SparseKD.apply(z, y, tau, *flat_targets) if names else ()
 
     w = None
@@ -393,11 +384,11 @@ def objective(
     return LossOutput(loss, mask.sum(), parts)
 
 
-def sparse_targets_from_batch(batch: Mapping[str, Tensor], name: str) -> SparseTargets | None:
+def sparse_targets_from_batch(batch: Mapping[str, Tensor], name: str) -> SparseDist | None:
     """The `name` target set of a batch (keys `{name}_ids`, `{name}_probs`, `{name}_tail`), if present."""
     if f"{name}_ids" not in batch:
         return None
-    return SparseTargets(batch[f"{name}_ids"], batch[f"{name}_probs"], batch[f"{name}_tail"])
+    return SparseDist(batch[f"{name}_ids"], batch[f"{name}_probs"], batch[f"{name}_tail"])
 
 
 def make_loss_fn(
@@ -405,7 +396,7 @@ def make_loss_fn(
 ) -> Callable[[Tensor, Mapping[str, Tensor]], LossOutput]:
     """The training loop's `loss_fn(logits, batch) -> LossOutput` for `objective`.
 
-    Reads `labels` [B, T], optional `weights` [B] or [B, T], and the `prior_*` / `posterior_*`
+    Reads `labels` [B, T], optional `weights` [B] or [B, T], and the `prior_*` / `target_*`
     sparse targets [B, T, K] that `data.Collator` places at the label positions.
     """
 
@@ -414,7 +405,7 @@ def make_loss_fn(
             logits,
             batch["labels"],
             sparse_targets_from_batch(batch, "prior"),
-            sparse_targets_from_batch(batch, "posterior"),
+            sparse_targets_from_batch(batch, "target"),
             lambda_ce=lambda_ce,
             alpha=alpha,
             beta=beta,

@@ -23,7 +23,6 @@ import torch
 
 from bayeskd.distributions import SparseDist
 from bayeskd.errors import BayeskdError
-from bayeskd.losses import SparseTargets
 
 STORE_META = "store.json"
 
@@ -49,8 +48,8 @@ class TargetWriter:
         n = len(entropy)
         for name in self.sets:
             d = dists[name]
-            if len(d) != n:
-                raise ValueError(f"target set {name}: {len(d)} rows for {n} positions")
+            if len(d.ids) != n:
+                raise ValueError(f"target set {name}: {len(d.ids)} rows for {n} positions")
             if not (np.isfinite(d.probs).all() and np.isfinite(d.tail).all()):
                 raise BayeskdError(
                     f"non-finite {name} targets for corpus record {record_index}: "
@@ -96,13 +95,14 @@ class _SetView:
     store: TargetStore
     name: str
 
-    def example(self, index: int, n: int) -> SparseTargets:
+    def example(self, index: int, n: int) -> SparseDist:
+        """The first n target rows of corpus record `index`, as tensors: ids / probs [n, K], tail [n]."""
         shard, start, rows = self.store.where(index)
         if rows < n:
             raise BayeskdError(f"target store: record {index} has {rows} target rows for {n} response labels")
         arrays = self.store.arrays(shard)
         sl = slice(start, start + n)
-        return SparseTargets(
+        return SparseDist(
             torch.from_numpy(np.array(arrays[f"{self.name}_ids"][sl], dtype=np.int64)),
             torch.from_numpy(np.array(arrays[f"{self.name}_probs"][sl], dtype=np.float32)),
             torch.from_numpy(np.array(arrays[f"{self.name}_tail"][sl], dtype=np.float32)),

@@ -101,9 +101,9 @@ def test_posterior_and_every_distill_mode_through_the_cli(tiny_teacher_dir, tmp_
     assert "| sft |" in report and (tmp_path / "eval" / "students.png").is_file()
     assert (tmp_path / "eval" / "fidelity.png").is_file() and (tmp_path / "eval" / "training.png").is_file()
     last = json.loads((tmp_path / "distill" / "bayes" / "train_log.jsonl").read_text().splitlines()[-1])
-    assert {"ce", "prior", "posterior"} <= set(last) and last["prior"] > 0 and last["posterior"] > 0
+    assert {"ce", "prior", "target"} <= set(last) and last["prior"] > 0 and last["target"] > 0
     last = json.loads((tmp_path / "distill" / "sft" / "train_log.jsonl").read_text().splitlines()[-1])
-    assert "prior" not in last and "posterior" not in last
+    assert "prior" not in last and "target" not in last
 
 
 def test_distill_refuses_targets_from_another_corpus(tiny_teacher_dir, tmp_path, capsys):

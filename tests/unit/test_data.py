@@ -8,16 +8,17 @@ import numpy as np
 import pytest
 import torch
 
+from bayeskd.corpus import TokenizedCorpus
 from bayeskd.data import (
     Collator,
     DataError,
-    TargetTable,
     build_dataset,
     is_heldout,
     pack,
-    split_heldout,
     tokenize_record,
 )
+from bayeskd.distributions import SparseDist
+from bayeskd.errors import BayeskdError
 from bayeskd.losses import IGNORE_INDEX
 from bayeskd.models import load_causal_lm, load_tokenizer
 
@@ -118,37 +119,30 @@ def test_packed_rows_do_not_attend_across_examples(tiny_lm, tok, dataset, one_th
 # ----------------------------------------------------------------------------- collation and sparse targets
 
 
-def label_aligned_table(dataset, n_records: int, k: int = 3) -> TargetTable:
+def label_aligned_targets(dataset, k: int = 3) -> dict[int, SparseDist]:
     """Targets whose first id is the label token itself and whose second id encodes (record, position)."""
-    lengths = [0] * n_records
-    rows: dict[int, list[int]] = {}
+    out = {}
     for ex in dataset:
-        lengths[ex["index"]] = ex["n_response"]
-        rows[ex["index"]] = [t for t in ex["labels"] if t != IGNORE_INDEX]
-    ids, probs = [], []
-    for i in range(n_records):
-        for j, label in enumerate(rows.get(i, [])):
-            ids.append([label, 1000 * i + j] + [-1] * (k - 2))
-            probs.append([0.5, 0.25] + [0.0] * (k - 2))
-    n = len(ids)
-    return TargetTable.from_lengths(
-        np.array(ids, dtype=np.int32), np.array(probs, dtype=np.float32), np.full(n, 0.25, np.float32), lengths
-    )
+        i, labels = ex["index"], [t for t in ex["labels"] if t != IGNORE_INDEX]
+        ids = np.array([[label, 1000 * i + j] + [-1] * (k - 2) for j, label in enumerate(labels)], np.int32)
+        probs = np.tile(np.array([0.5, 0.25] + [0.0] * (k - 2)), (len(labels), 1))
+        out[i] = SparseDist(ids, probs, np.full(len(labels), 0.25))
+    return out
 
 
 @pytest.mark.parametrize("packed", [False, True])
-def test_sparse_targets_land_exactly_on_label_positions(tok, corpus_records, dataset, packed):
-    table = label_aligned_table(dataset, len(corpus_records))
+def test_sparse_targets_land_exactly_on_label_positions(tok, corpus_records, dataset, target_set, packed):
+    table = target_set(label_aligned_targets(dataset), k=3)
     weights = np.linspace(0.1, 1.0, len(corpus_records))
     rows = pack(dataset, 200) if packed else dataset
-    collate = Collator(tok.pad_token_id, {"posterior": table}, weights=weights)
+    collate = Collator(tok.pad_token_id, {"target": table}, weights=weights)
     batch = collate([rows[i] for i in range(min(4, len(rows)))])
-    labels, ids = batch["labels"], batch["posterior_ids"]
+    labels, ids = batch["labels"], batch["target_ids"]
     is_label = labels != IGNORE_INDEX
     assert ids.shape[:2] == labels.shape
     assert torch.equal(ids[..., 0][is_label], labels[is_label])
-    assert (ids[~is_label] == -1).all() and (batch["posterior_probs"][~is_label] == 0).all()
-    assert (batch["posterior_tail"][is_label] == 0.25).all() and (batch["posterior_tail"][~is_label] == 0).all()
+    assert (ids[~is_label] == -1).all() and (batch["target_probs"][~is_label] == 0).all()
+    assert (batch["target_tail"][is_label] == 0.25).all() and (batch["target_tail"][~is_label] == 0).all()
     # The second id says which record and which response position each target came from.
     code = ids[..., 1][is_label]
     record, pos = code // 1000, code % 1000
@@ -163,36 +157,34 @@ def test_sparse_targets_land_exactly_on_label_positions(tok, corpus_records, dat
         assert torch.allclose(batch["weights"], torch.tensor(weights, dtype=torch.float32)[batch["index"]])
 
 
-def test_misaligned_targets_are_an_error(tok, corpus_records, dataset):
-    short = [max(0, ex["n_response"] - 1) for ex in sorted(dataset, key=lambda e: e["index"])]
-    lengths = [0] * len(corpus_records)
-    for ex, n in zip(sorted(dataset, key=lambda e: e["index"]), short):
-        lengths[ex["index"]] = n
-    n = sum(lengths)
-    table = TargetTable.from_lengths(np.zeros((n, 2), np.int32), np.zeros((n, 2), np.float32), np.ones(n, np.float32), lengths)
-    with pytest.raises(DataError, match="target rows"):
-        Collator(tok.pad_token_id, {"prior": table})([dataset[0]])
-    with pytest.raises(DataError, match="lengths sum"):
-        TargetTable.from_lengths(np.zeros((3, 2)), np.zeros((3, 2)), np.zeros(3), [1, 1])
+def test_misaligned_targets_are_an_error(tok, dataset, target_set):
+    """A record with fewer target rows than response labels (targets of another corpus) is refused."""
+    short = {ex["index"]: SparseDist(np.zeros((ex["n_response"] - 1, 2), np.int32), np.zeros((ex["n_response"] - 1, 2)),
+                                     np.ones(ex["n_response"] - 1)) for ex in dataset}  # fmt: skip
+    with pytest.raises(BayeskdError, match="target rows"):
+        Collator(tok.pad_token_id, {"prior": target_set(short, k=2, name="prior")})([dataset[0]])
+    with pytest.raises(ValueError, match="unknown targets"):
+        Collator(tok.pad_token_id, {"posterior": target_set(short, k=2, name="prior")})
 
 
 # ----------------------------------------------------------------------------- held-out split
 
 
 def test_heldout_split_is_deterministic_and_disjoint_by_prompt(tok, corpus_records, dataset):
-    train, held = split_heldout(dataset, 0.3)
-    train2, held2 = split_heldout(dataset, 0.3)
-    assert train["index"] == train2["index"] and held["index"] == held2["index"]
+    corpus = TokenizedCorpus(corpus_records, dataset, tok, "tok", "corpus", heldout_fraction=0.3)
+    train, held = corpus.split(heldout=False), corpus.split(heldout=True)
+    assert train["index"] == corpus.split(heldout=False)["index"] and held["index"] == corpus.split(heldout=True)["index"]
     assert len(train) + len(held) == len(dataset) and len(held) > 0 and len(train) > 0
     assert not set(train["prompt_id"]) & set(held["prompt_id"])
     # The verdict depends on the prompt id alone: not on the order or the size of the corpus.
     reordered = build_dataset(corpus_records[::-1][:10], tok, "chat", 128)
-    for ex in split_heldout(reordered, 0.3)[1]:
+    for ex in TokenizedCorpus(corpus_records, reordered, tok, "tok", "corpus", 0.3).split(heldout=True):
         assert ex["prompt_id"] in set(held["prompt_id"])
     ids = [f"prompt-{i}" for i in range(4000)]
     share = sum(is_heldout(p, 0.1) for p in ids) / len(ids)
     assert 0.08 < share < 0.12
-    assert split_heldout(dataset, 0.0)[1].num_rows == 0 and split_heldout(dataset, 1.0)[0].num_rows == 0
+    assert not TokenizedCorpus(corpus_records, dataset, tok, "tok", "corpus", 0.0).indices(heldout=True)
+    assert not TokenizedCorpus(corpus_records, dataset, tok, "tok", "corpus", 1.0).indices(heldout=False)
 
 
 def test_corpus_selection_cuts_training_prompts_and_samples_but_keeps_the_heldout_set():

@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from bayeskd.distributions import SparseDist
 from bayeskd.losses import (
     _MIN_LOG_TAIL,
     IGNORE_INDEX,
     LossOutput,
-    SparseTargets,
     cross_entropy,
     dense_kl,
     generalized_jsd,
@@ -31,7 +31,7 @@ f64 = torch.float64
 # ----------------------------------------------------------------------------- references
 
 
-def ref_sparse_kl(logits: torch.Tensor, t: SparseTargets, tau: float = 1.0) -> torch.Tensor:
+def ref_sparse_kl(logits: torch.Tensor, t: SparseDist, tau: float = 1.0) -> torch.Tensor:
     """The coarsened KL written out with a dense [.., V] membership mask and explicit probabilities."""
     q = torch.softmax(logits.double() / tau, -1)
     valid = t.ids >= 0
@@ -49,7 +49,7 @@ def ref_dense_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.where(p > 0, p * (p.clamp_min(1e-300).log() - q.log()), 0.0).sum(-1)
 
 
-def random_targets(shape: tuple, vocab: int, k: int, gen: torch.Generator, unused: int = 0) -> SparseTargets:
+def random_targets(shape: tuple, vocab: int, k: int, gen: torch.Generator, unused: int = 0) -> SparseDist:
     """Top-k of a random teacher, with `unused` trailing slots marked -1 / 0."""
     p = torch.softmax(torch.randn(*shape, vocab, generator=gen, dtype=f64) * 2, -1)
     top = p.topk(k, -1)
@@ -58,7 +58,7 @@ def random_targets(shape: tuple, vocab: int, k: int, gen: torch.Generator, unuse
         ids[..., -unused:] = -1
         probs[..., -unused:] = 0.0
     tail = (1 - probs.sum(-1)).clamp_min(0) if k < vocab else torch.zeros(shape, dtype=f64)
-    return SparseTargets(ids, probs, tail)
+    return SparseDist(ids, probs, tail)
 
 
 @pytest.fixture
@@ -74,7 +74,7 @@ def test_sparse_kl_zero_when_student_equals_coarsened_teacher(gen):
     q = torch.softmax(logits, -1)
     ids = torch.stack([torch.randperm(30, generator=gen)[:7] for _ in range(5)])
     probs = q.gather(-1, ids)
-    kl = sparse_kl(logits, SparseTargets(ids, probs, 1 - probs.sum(-1)))
+    kl = sparse_kl(logits, SparseDist(ids, probs, 1 - probs.sum(-1)))
     assert kl.abs().max() < 1e-12
 
 
@@ -92,7 +92,7 @@ def test_sparse_equals_dense_when_k_equals_v(gen):
     logits, teacher = torch.randn(2, 3, vocab, generator=gen, dtype=f64), torch.randn(2, 3, vocab, generator=gen, dtype=f64)
     p = torch.softmax(teacher, -1)
     ids = torch.stack([torch.randperm(vocab, generator=gen) for _ in range(6)]).view(2, 3, vocab)
-    sparse = sparse_kl(logits, SparseTargets(ids, p.gather(-1, ids), torch.zeros(2, 3, dtype=f64)))
+    sparse = sparse_kl(logits, SparseDist(ids, p.gather(-1, ids), torch.zeros(2, 3, dtype=f64)))
     torch.testing.assert_close(sparse, dense_kl(logits, teacher), rtol=1e-10, atol=1e-12)
 
 
@@ -120,7 +120,7 @@ def test_sparse_kl_gradient_matches_float64_autograd_reference(gen, confidence, 
     ref_sparse_kl(ref_logits, t, tau).sum().backward()
     for dtype, tol in ((f64, 1e-10), (torch.float32, 2e-5)):
         logits = base.detach().clone().to(dtype).requires_grad_()
-        t_d = SparseTargets(t.ids.int(), t.probs.to(dtype), t.tail.to(dtype))
+        t_d = SparseDist(t.ids.int(), t.probs.to(dtype), t.tail.to(dtype))
         value = sparse_kl(logits, t_d, tau)
         value.sum().backward()
         expected = ref_sparse_kl(base, t, tau)
@@ -142,7 +142,7 @@ def test_objective_matches_the_composition_of_its_terms(gen):
         (grad,) = torch.autograd.grad(out.loss, logits)
 
         z, y, mask = logits[:, :-1], labels[:, 1:], labels[:, 1:] != IGNORE_INDEX
-        shifted = [SparseTargets(*(x[:, 1:] for x in s)) for s in (prior, post)]
+        shifted = [SparseDist(*(x[:, 1:] for x in s)) for s in (prior, post)]
         per_token = (
             0.6 * F.cross_entropy(z.transpose(1, 2), y.clamp_min(0), reduction="none")
             + 0.3 * ref_sparse_kl(z, shifted[0], tau)
@@ -153,7 +153,7 @@ def test_objective_matches_the_composition_of_its_terms(gen):
         torch.testing.assert_close(out.loss, expected, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
         assert int(out.n_tokens) == int(mask.sum())
-        total = 0.6 * out.parts["ce"] + 0.3 * out.parts["prior"] + 0.9 * out.parts["posterior"]
+        total = 0.6 * out.parts["ce"] + 0.3 * out.parts["prior"] + 0.9 * out.parts["target"]
         torch.testing.assert_close(total, out.loss.detach())
 
 
@@ -168,13 +168,13 @@ def test_masked_positions_do_not_change_the_loss(gen, n_prompt):
     labels[:, :n_prompt] = IGNORE_INDEX
     post = random_targets((b, t_len), vocab, 4, gen)
     loss_fn = make_loss_fn(lambda_ce=1.0, beta=1.0)
-    batch = {"labels": labels, "posterior_ids": post.ids, "posterior_probs": post.probs, "posterior_tail": post.tail}
+    batch = {"labels": labels, "target_ids": post.ids, "target_probs": post.probs, "target_tail": post.tail}
     before = loss_fn(logits, batch).loss
     # Logits at t predict the label at t + 1: positions before the first target and the last one are free.
     changed = logits.clone()
     changed[:, : n_prompt - 1] = 1e4 * torch.randn(b, n_prompt - 1, vocab, generator=gen, dtype=f64)
     changed[:, -1] = float("nan")
-    changed_targets = {**batch, "posterior_tail": post.tail.clone().index_fill_(1, torch.arange(n_prompt), 0.77)}
+    changed_targets = {**batch, "target_tail": post.tail.clone().index_fill_(1, torch.arange(n_prompt), 0.77)}
     torch.testing.assert_close(loss_fn(changed, changed_targets).loss, before)
     # ...and a response position does change it.
     moved = logits.clone()
@@ -240,7 +240,7 @@ def test_sparse_kl_property(vocab, k_frac, scale, unused, seed):
     value = sparse_kl(logits, t)
     assert (value > -1e-9).all()
     torch.testing.assert_close(value, ref_sparse_kl(logits, t), rtol=1e-7, atol=1e-9)
-    padded = SparseTargets(
+    padded = SparseDist(
         torch.cat([t.ids, torch.full((4, unused), -1)], -1), torch.cat([t.probs, torch.zeros(4, unused, dtype=f64)], -1), t.tail
     )
     torch.testing.assert_close(sparse_kl(logits, padded), value)

@@ -24,8 +24,8 @@ def prior():
 
 
 def dense(d: SparseDist) -> np.ndarray:
-    out = np.zeros((len(d), V))
-    for i in range(len(d)):
+    out = np.zeros((len(d.ids), V))
+    for i in range(len(d.ids)):
         for j, p in zip(d.ids[i], d.probs[i]):
             if j >= 0:
                 out[i, j] += p
@@ -153,7 +153,7 @@ def test_target_store_round_trips_and_rejects_mismatches(tmp_path):
     store = TargetStore.open(tmp_path / "t")
     assert len(list((tmp_path / "t").glob("shard-*"))) >= 2
     for rec, d in written.items():
-        got = store.table("posterior").example(rec, len(d))
+        got = store.table("posterior").example(rec, len(d.ids))
         assert np.array_equal(got.ids.numpy(), d.ids)
         assert np.allclose(got.probs.numpy(), d.probs, atol=1e-3)
         assert np.allclose(got.probs.numpy().sum(1) + got.tail.numpy(), 1.0, atol=1e-6)

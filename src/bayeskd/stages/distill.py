@@ -42,7 +42,7 @@ def proxy_kd_weights(loglik: np.ndarray) -> list[float]:
 
 
 def _plan(cfg: Config, run: Run, mode: str, corpus) -> tuple[dict, dict, list[float] | None, dict]:
-    """(loss weights, target tables by loss slot, per-record weights, extra inputs) of a mode."""
+    """(loss weights, target sets by loss slot (`losses.LOSS_TARGETS`), per-record weights, extra inputs) of a mode."""
     d = cfg.distill
     if mode == "sft":
         return {"lambda_ce": d.lambda_ce}, {}, None, {}
@@ -50,7 +50,7 @@ def _plan(cfg: Config, run: Run, mode: str, corpus) -> tuple[dict, dict, list[fl
         from bayeskd.oracle import oracle_targets
 
         store = oracle_targets(cfg, run, corpus)
-        source = {"posterior": store.table("oracle")}
+        source = {"target": store.table("oracle")}
         return {"lambda_ce": d.lambda_ce, "beta": d.beta}, source, None, {"oracle": store.meta["teacher"]}
     source = cfg.target_stage  # `probe` when it ran: the posterior with the teacher's own samples
     store = TargetStore.open(run.output(source, "targets"))
@@ -58,15 +58,15 @@ def _plan(cfg: Config, run: Run, mode: str, corpus) -> tuple[dict, dict, list[fl
     extra = {"targets": f"{source}:{(run.manifest(source) or {}).get('fingerprint', '')}"}
     if mode == "bayes":
         return {"lambda_ce": d.lambda_ce, "alpha": d.alpha, "beta": d.beta}, {
-            "prior": store.table("prior"), "posterior": store.table("posterior")}, None, extra
+            "prior": store.table("prior"), "target": store.table("posterior")}, None, extra
     if mode == "prior-only":
         return {"lambda_ce": d.lambda_ce, "alpha": d.alpha}, {"prior": store.table("prior")}, None, extra
     if mode == "posterior-only":
-        return {"lambda_ce": d.lambda_ce, "beta": d.beta}, {"posterior": store.table("posterior")}, None, extra
+        return {"lambda_ce": d.lambda_ce, "beta": d.beta}, {"target": store.table("posterior")}, None, extra
     if mode == "proxy-kd":
         loglik = np.load(run.output("posterior", "proxy_loglik.npy"))
         weights = proxy_kd_weights(loglik)
-        return {"lambda_ce": d.lambda_ce, "beta": d.beta}, {"posterior": store.table("proxy")}, weights, extra
+        return {"lambda_ce": d.lambda_ce, "beta": d.beta}, {"target": store.table("proxy")}, weights, extra
     raise BayeskdError(f"distill.modes: unknown mode {mode!r}")
 
 

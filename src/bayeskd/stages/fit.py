@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from bayeskd.config import Config, TrainConfig
-from bayeskd.data import Collator, TargetTable, pack
+from bayeskd.data import Collator, TargetSource, pack
 from bayeskd.models import load_causal_lm
 from bayeskd.corpus import TokenizedCorpus
 from bayeskd.training import LossFn, train
@@ -18,7 +18,7 @@ def fit(
     corpus: TokenizedCorpus,
     loss_fn: LossFn,
     out: Path,
-    targets: Mapping[str, TargetTable] | None = None,
+    targets: Mapping[str, TargetSource] | None = None,
     weights: list[float] | None = None,
 ) -> dict:
     """Train `train_cfg.model` on the corpus's training prompts; evaluate on the held-out ones.
