@@ -414,10 +414,12 @@ class DistillConfig:
     L = lambda_ce * CE(y) + alpha * KL(p_prior || p_S) + beta * KL(p_target || p_S), per response token.
     `sft`: CE only. `bayes`: prior and posterior. `prior-only` / `posterior-only`: one of them.
     `proxy-kd`: the proxy's own distribution as target, with Proxy-KD's per-sample weights.
+    `topk-kd`: the API's own top-k logprobs as target, the rest as one tail bucket (no prior, no
+    proxy; needs a corpus collected with `collect.top_logprobs` > 0): the baseline of a logprob user.
     `oracle-kd`: the true teacher distribution (only for a local open teacher): an upper bound.
     """
 
-    modes: list[Literal["sft", "bayes", "prior-only", "posterior-only", "proxy-kd", "oracle-kd"]] = field(
+    modes: list[Literal["sft", "bayes", "prior-only", "posterior-only", "proxy-kd", "topk-kd", "oracle-kd"]] = field(
         default_factory=lambda: ["sft"]
     )
     """Students to train, one per mode, each in `distill/<mode>/`."""
@@ -426,7 +428,7 @@ class DistillConfig:
     alpha: float = 0.5
     """Weight of KL to the prior (`bayes`, `prior-only`)."""
     beta: float = 1.0
-    """Weight of KL to the posterior (`bayes`, `posterior-only`) or to the proxy / oracle targets."""
+    """Weight of KL to the posterior (`bayes`, `posterior-only`) or to the proxy / top-k / oracle targets."""
     tau: float = 1.0
     """Student temperature in the KL terms (scaled by tau^2)."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(init_layers=4, max_steps=60, lr=5e-4))

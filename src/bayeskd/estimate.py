@@ -26,8 +26,8 @@ from bayeskd.config import Config, PosteriorConfig
 from bayeskd.data import render
 from bayeskd.evidence import EvidenceMapper
 
-TARGET_SETS = ("prior", "posterior", "proxy")
-"""The sparse target sets a target store holds, per response token."""
+TARGET_SETS = ("prior", "posterior", "proxy", "topk")
+"""The sparse target sets a target store holds, per response token (`topk`: the API's own top-k)."""
 
 
 def load_prior(cfg: Config, run: Run) -> ngram.NGramPrior:
@@ -64,6 +64,17 @@ def record_evidence(
         mapper.stats["positions"] += n
         return None
     return mapper.evidence(record["text"], record["tokens"], response_spans(record, tokenizer, template, n))
+
+
+def topk_targets(evidence: tuple[np.ndarray, np.ndarray] | None, n: int) -> D.SparseDist:
+    """The API's own top-k at each of n positions, the rest of its mass as the tail: `topk-kd`'s target.
+
+    No prior, no proxy: what sparse-logit KD toolkits train on. A position without evidence gets
+    an empty target (no ids, tail 1), whose KL to any student is 0: it adds no loss there."""
+    if evidence is None:
+        return D.SparseDist(np.full((n, 1), D.PAD, np.int32), np.zeros((n, 1)), np.ones(n))
+    ids, probs = evidence
+    return D.SparseDist(ids.astype(np.int32), probs, np.clip(1 - probs.sum(1), 0, 1))
 
 
 def update(

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 from transformers import AutoModelForCausalLM
 
 from bayeskd.cli import main
 from bayeskd.models import build_tiny
+from bayeskd.targets import TargetStore
 
 
 @pytest.fixture(scope="module")
@@ -75,21 +78,21 @@ def test_stage_before_its_input_is_a_clear_error(tiny_teacher_dir, tmp_path, cap
 
 
 def test_posterior_and_every_distill_mode_through_the_cli(tiny_teacher_dir, tmp_path):
-    modes = "[sft, bayes, prior-only, posterior-only, proxy-kd, oracle-kd]"
+    modes = "[sft, bayes, prior-only, posterior-only, proxy-kd, topk-kd, oracle-kd]"
     args = [*tiny_args(tmp_path, tiny_teacher_dir), f"distill.modes={modes}", "posterior.top_k=8", "prior.top_k=8"]
     assert main(["run", *args]) == 0
     summary = manifest(tmp_path, "posterior")["summary"]
     assert summary["positions"] > 0 and summary["bytes_per_entry"] <= 7
     ev = summary["evidence"]
     assert ev["positions"] == summary["positions"] and 0 < ev["share_with_evidence"] <= 1
-    for mode in ("sft", "bayes", "prior-only", "posterior-only", "proxy-kd", "oracle-kd"):
+    for mode in ("sft", "bayes", "prior-only", "posterior-only", "proxy-kd", "topk-kd", "oracle-kd"):
         m = manifest(tmp_path, f"distill/{mode}")
         assert m["status"] == "done", mode
         assert (tmp_path / "distill" / mode / "final" / "model.safetensors").is_file()
     assert "upper bound" in manifest(tmp_path, "distill/oracle-kd")["summary"]["note"]
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     students = metrics["students"]
-    assert set(students) == {"sft", "bayes", "prior-only", "posterior-only", "proxy-kd", "oracle-kd"}
+    assert set(students) == {"sft", "bayes", "prior-only", "posterior-only", "proxy-kd", "topk-kd", "oracle-kd"}
     for s in students.values():
         assert s["bpb"] > 0 and s["kl_teacher"] >= 0 and 0 <= s["rouge_l"] <= 1 and s["tokens"] > 0
     assert "upper bound" in students["oracle-kd"]["note"]
@@ -104,6 +107,31 @@ def test_posterior_and_every_distill_mode_through_the_cli(tiny_teacher_dir, tmp_
     assert {"ce", "prior", "target"} <= set(last) and last["prior"] > 0 and last["target"] > 0
     last = json.loads((tmp_path / "distill" / "sft" / "train_log.jsonl").read_text().splitlines()[-1])
     assert "prior" not in last and "target" not in last
+    last = json.loads((tmp_path / "distill" / "topk-kd" / "train_log.jsonl").read_text().splitlines()[-1])
+    assert "prior" not in last and last["target"] > 0
+    # topk-kd's targets are the API's own top-k, as mapped onto student tokens: nothing else.
+    store = TargetStore.open(tmp_path / "posterior" / "targets")
+    corpus_rows = [json.loads(x) for x in (tmp_path / "collect" / "corpus.jsonl").read_text().splitlines()]
+    with_ev = [i for i, r in enumerate(corpus_rows) if r["tokens"]]
+    ids, probs = store.rows(with_ev[0], "topk_ids"), store.rows(with_ev[0], "topk_probs").astype(float)
+    tail = store.rows(with_ev[0], "topk_tail")
+    assert (ids[:, 0] >= 0).any() and np.allclose(probs.sum(1) + tail, 1, atol=1e-3)
+    # At the response's first token (one tokenizer here: the mapping is exact): the teacher's top-k,
+    # plus its sampled token when that is not among them.
+    first = corpus_rows[with_ev[0]]["tokens"][0]
+    top = sum(math.exp(lp) for _, lp in first["top"])
+    sampled = 0.0 if first["token"] in [t for t, _ in first["top"]] else math.exp(first["logprob"])
+    np.testing.assert_allclose(probs[0].sum(), top + sampled, atol=1e-2)
+
+
+def test_topk_kd_without_logprobs_is_a_clear_error(tiny_teacher_dir, tmp_path, capsys):
+    args = [*tiny_args(tmp_path, tiny_teacher_dir), "collect.top_logprobs=0", "distill.modes=[topk-kd]"]
+    for stage in ("collect", "prior", "proxy", "posterior"):
+        assert main([stage, *args]) == 0
+    capsys.readouterr()
+    assert main(["distill", *args]) == 2
+    err = capsys.readouterr().err
+    assert "topk-kd" in err and "collect.top_logprobs" in err
 
 
 def test_distill_refuses_targets_from_another_corpus(tiny_teacher_dir, tmp_path, capsys):

@@ -9,6 +9,7 @@
 | prior-only     | alpha | 0    | -                             | -                  |
 | posterior-only | 0     | beta | posterior                     | -                  |
 | proxy-kd       | 0     | beta | proxy                         | Proxy-KD's sigmoid |
+| topk-kd        | 0     | beta | the API's top-k, tail bucket  | -                  |
 | oracle-kd      | 0     | beta | the true teacher (upper bound)| -                  |
 
 Each student is its own sub-stage with its own manifest, so adding a mode trains only that
@@ -63,6 +64,13 @@ def _plan(cfg: Config, run: Run, mode: str, corpus) -> tuple[dict, dict, list[fl
         return {"lambda_ce": d.lambda_ce, "alpha": d.alpha}, {"prior": store.table("prior")}, None, extra
     if mode == "posterior-only":
         return {"lambda_ce": d.lambda_ce, "beta": d.beta}, {"target": store.table("posterior")}, None, extra
+    if mode == "topk-kd":
+        if not any(r.get("tokens") for r in corpus.records):
+            raise BayeskdError(
+                "distill.modes: topk-kd trains on the teacher's top-k logprobs, and this corpus has none: "
+                "collect with collect.top_logprobs > 0 (an API that returns logprobs)"
+            )
+        return {"lambda_ce": d.lambda_ce, "beta": d.beta}, {"target": store.table("topk")}, None, extra
     if mode == "proxy-kd":
         loglik = np.load(run.output("posterior", "proxy_loglik.npy"))
         weights = proxy_kd_weights(loglik)

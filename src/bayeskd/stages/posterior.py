@@ -5,9 +5,10 @@ For every example of the corpus (training prompts with the prior's leave-one-out
 the proxy runs once over the sequence; at each response position the prior's top-K, tail
 and kappa and the proxy's distribution combine as `posterior.mode` says (see
 `estimate`), then the teacher's own top-k logprobs, where collect stored them, fix
-their tokens' probabilities. Written to `posterior/targets/` (see `targets`): the `prior`,
-`posterior` and `proxy` target sets, the posterior's entropy per token, and per record the
-proxy's mean log-likelihood of the teacher's response (Proxy-KD's sample weights).
+their tokens' probabilities (`posterior.use_logprobs`). Written to `posterior/targets/` (see
+`targets`): the `prior`, `posterior` and `proxy` target sets, `topk` (the API's own top-k
+alone, `topk-kd`'s target), the posterior's entropy per token, and per record the proxy's mean
+log-likelihood of the teacher's response (Proxy-KD's sample weights).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from bayeskd import ngram
 from bayeskd.artifacts import Run, fingerprint_file
 from bayeskd.config import Config
 from bayeskd.corpus import TokenizedCorpus, load_corpus
-from bayeskd.estimate import TARGET_SETS, estimate, load_prior, record_evidence
+from bayeskd.estimate import TARGET_SETS, estimate, load_prior, record_evidence, topk_targets
 from bayeskd.evidence import EvidenceMapper
 from bayeskd.models import check_same_tokenizer, load_causal_lm
 from bayeskd.targets import TargetStore, TargetWriter
@@ -57,7 +58,7 @@ def _compute(cfg: Config, corpus: TokenizedCorpus, prior: ngram.NGramPrior, prox
     vocab = len(corpus.tokenizer)
     contexts, targets = ngram.corpus_contexts(corpus.docs(data), prior.order, vocab)
     starts = np.concatenate([[0], np.cumsum(data["n_response"])])
-    mapper = EvidenceMapper(corpus.tokenizer) if p.use_logprobs else None
+    mapper = EvidenceMapper(corpus.tokenizer)  # the API's top-k: `topk` targets always, the posterior's evidence if asked
     writer = TargetWriter(out / "targets", TARGET_SETS, p.top_k)
     generator = torch.Generator().manual_seed(p.seed)
     loglik = np.full(len(corpus.records), np.nan)
@@ -72,7 +73,9 @@ def _compute(cfg: Config, corpus: TokenizedCorpus, prior: ngram.NGramPrior, prox
             record = corpus.records[row["index"]]
             loo = targets[sl] if cfg.prior.leave_one_out and not corpus.is_heldout(row["prompt_id"]) else None
             ev = record_evidence(mapper, record, corpus.tokenizer, cfg.data.template, len(z))
-            dists, ent = estimate(prior, contexts[sl], loo, z, p, cfg.prior.top_k, ev, generator)
+            evidence = ev if p.use_logprobs else None
+            dists, ent = estimate(prior, contexts[sl], loo, z, p, cfg.prior.top_k, evidence, generator)
+            dists["topk"] = topk_targets(ev, len(z))
             writer.add(row["index"], dists, ent)
             entropies.append(ent)
             labels = torch.from_numpy(targets[sl].astype(np.int64))
@@ -91,5 +94,5 @@ def _compute(cfg: Config, corpus: TokenizedCorpus, prior: ngram.NGramPrior, prox
         "proxy_forward_share": t_proxy / max(t_total, 1e-9),
         "mean_posterior_entropy": float(ent.mean()) if len(ent) else 0.0,
         "bytes_per_entry": store.bytes_per_entry("posterior"),
-        **({"evidence": mapper.summary()} if mapper else {}),
+        "evidence": mapper.summary(),
     }
