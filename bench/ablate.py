@@ -37,7 +37,7 @@ def gather(cfg, run, corpus, teacher, proxy, heldout: bool, limit: int):
     vocab = len(corpus.tokenizer)
     out = {"p_t": [], "p_proxy": [], "ctx": [], "y": [], "ev_ids": [], "ev_p": []}
     n = 0
-    for rb in corpus.batches(corpus.indices(heldout), 8, f"ablate: {'heldout' if heldout else 'train'}"):
+    for rb in corpus.batches(corpus.indices("heldout" if heldout else "train"), 8, f"ablate: {'heldout' if heldout else 'train'}"):
         if n >= limit:
             break
         for row, y, zt, zp in zip(rb.rows, rb.labels(), rb.logits(teacher), rb.logits(proxy)):
@@ -49,7 +49,8 @@ def gather(cfg, run, corpus, teacher, proxy, heldout: bool, limit: int):
             out["p_proxy"].append(torch.softmax(zp, -1).double().numpy())
             ev_ids = np.full((len(y), 21), -1, np.int64)
             ev_p = np.zeros((len(y), 21))
-            ev = record_evidence(mapper, corpus.records[row["index"]], corpus.tokenizer, cfg.data.template, len(y))
+            ev = record_evidence(mapper, corpus.records[row["index"]], corpus.tokenizer, cfg.data.template, len(y),
+                                 cfg.posterior.top_logprobs)  # fmt: skip
             if ev is not None:
                 e_ids, e_p = ev
                 ev_ids[:, : e_ids.shape[1]], ev_p[:, : e_p.shape[1]] = e_ids, e_p

@@ -105,7 +105,7 @@ def trl_sft(cfg, root: Path, seed: int) -> dict:
 
     run = Run(root)
     corpus = load_corpus(cfg, run)
-    train = corpus.split(heldout=False)
+    train = corpus.subset("train")
     # The same records bayeskd's `sft` trains on: prompt messages, the teacher's text as the completion.
     rows = [{"prompt": corpus.records[i]["messages"],
              "completion": [{"role": "assistant", "content": corpus.records[i]["text"]}]} for i in train["index"]]  # fmt: skip
@@ -127,7 +127,7 @@ def trl_sft(cfg, root: Path, seed: int) -> dict:
     trainer.train()
     seconds = time.perf_counter() - started
     model = trainer.model.eval()
-    heldout = corpus.indices(heldout=True)[: cfg.eval.max_examples]
+    heldout = corpus.indices("heldout")[: cfg.eval.max_examples]
     with torch.inference_mode():
         teacher = load_oracle(cfg, corpus.tokenizer_fp)
     metrics = score_students(cfg, corpus, {"sft-trl": model}, teacher, heldout)["sft-trl"]
@@ -148,7 +148,7 @@ def scaling(args, cfg, base: Path, first: int, overrides: list[str]) -> list[dic
     full = seed_dir(base, first)
     full_cfg = load_config(args.config, [f"run_dir={full}", *overrides])
     full_corpus = load_corpus(full_cfg, Run(full))
-    n_train = len({r["prompt_id"] for r in full_corpus.records if not full_corpus.is_heldout(r["prompt_id"])})
+    n_train = len({r["prompt_id"] for r in full_corpus.records if full_corpus.split_of(r["prompt_id"]) == "train"})
     sizes = [(max(1, n_train // 4), 1), (max(1, n_train // 2), 1), (n_train, 1), (n_train, None)]
     results = []
     teacher = None
@@ -174,7 +174,7 @@ def scaling(args, cfg, base: Path, first: int, overrides: list[str]) -> list[dic
         corpus = load_corpus(size_cfg, run)
         if teacher is None:
             teacher = load_oracle(size_cfg, corpus.tokenizer_fp)
-        train_tokens = sum(corpus.dataset["n_response"][i] for i in corpus.indices(heldout=False))
+        train_tokens = sum(corpus.dataset["n_response"][i] for i in corpus.indices("train"))
         record = {"label": label, "train_prompts": prompts, "samples": samples or cfg.collect.n, "train_tokens": train_tokens,
                   "estimates": {s: score_estimates(size_cfg, run, corpus, teacher, heldout=s == "heldout")
                                 for s in ("train", "heldout")}}  # fmt: skip

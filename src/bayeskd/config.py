@@ -275,6 +275,9 @@ class DataConfig:
     """Pack several examples into one row of `max_length` instead of padding each (training only)."""
     heldout_fraction: float = 0.1
     """Share of prompts (by a hash of the prompt id) held out from training, for evaluation."""
+    validation_fraction: float = 0.0
+    """Share of the other prompts (by another hash) kept out of training and out of `eval`: what
+    `posterior.fit: auto` fits on. 0: no validation split."""
     train_prompts: int | None = None
     """Train on only the first N training prompts, in corpus order (null: all). The held-out
     prompts stay as they are: for learning curves over the corpus size on one evaluation set."""
@@ -287,13 +290,15 @@ class DataConfig:
 
     def identity(self) -> dict:
         """The fields that decide the tokens and the split (all but `num_proc`): what stage
-        fingerprints include, so that changing the process count rebuilds nothing."""
-        return _fields_except(self, "num_proc")
+        fingerprints include, so that changing the process count rebuilds nothing. Without a
+        validation split its field is left out, so that runs made before it existed stay valid."""
+        return _fields_except(self, "num_proc", *(() if self.validation_fraction else ("validation_fraction",)))
 
     def validate(self, path: str) -> None:
         _check(self.max_length >= 8, f"{path}.max_length", self.max_length, "must be >= 8")
         _check(self.num_proc >= 1, f"{path}.num_proc", self.num_proc, "must be >= 1")
         _check(0 <= self.heldout_fraction < 1, f"{path}.heldout_fraction", self.heldout_fraction, "must be in [0, 1)")
+        _check(0 <= self.validation_fraction < 1, f"{path}.validation_fraction", self.validation_fraction, "must be in [0, 1)")
         for name in ("train_prompts", "samples"):
             v = getattr(self, name)
             _check(v is None or v >= 1, f"{path}.{name}", v, "must be >= 1 or null")
@@ -360,6 +365,9 @@ class PosteriorConfig:
     """`product`: exponent of the proxy."""
     use_logprobs: bool = True
     """Let the teacher's top-k logprobs, where collect stored them, fix those tokens' probabilities."""
+    top_logprobs: int | None = None
+    """The most of the API's alternatives per token the method reads (the posterior's evidence and
+    `topk-kd`'s targets): as an API that returns fewer would. Null: all that collect stored; 0: none."""
     batch_size: int = 8
     """Examples per proxy forward pass."""
     seed: int = 0
@@ -371,6 +379,8 @@ class PosteriorConfig:
         _check(self.proxy_temperature > 0, f"{path}.proxy_temperature", self.proxy_temperature, "must be > 0")
         _check(self.top_k >= 1, f"{path}.top_k", self.top_k, "must be >= 1")
         _check(self.batch_size >= 1, f"{path}.batch_size", self.batch_size, "must be >= 1")
+        top = self.top_logprobs
+        _check(top is None or 0 <= top <= 20, f"{path}.top_logprobs", top, "must be in 0..20 or null")
 
 
 @dataclass

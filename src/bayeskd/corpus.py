@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from bayeskd.artifacts import Run
 from bayeskd.config import Config
-from bayeskd.data import Collator, build_dataset, is_heldout, read_corpus, response_logits, response_positions
+from bayeskd.data import Collator, build_dataset, read_corpus, response_logits, response_positions, split_of
 from bayeskd.errors import BayeskdError
 from bayeskd.models import load_tokenizer, tokenizer_fingerprint
 
@@ -51,17 +51,19 @@ class TokenizedCorpus:
     tokenizer_fp: str
     corpus_fp: str
     heldout_fraction: float
+    validation_fraction: float = 0.0
 
-    def is_heldout(self, prompt_id: str) -> bool:
-        return is_heldout(prompt_id, self.heldout_fraction)
+    def split_of(self, prompt_id: str) -> str:
+        """`train`, `validation` or `heldout` (see `data.split_of`)."""
+        return split_of(prompt_id, self.heldout_fraction, self.validation_fraction)
 
-    def indices(self, heldout: bool) -> list[int]:
-        """Dataset positions of the examples on one side of the held-out split, in order."""
-        return [i for i, p in enumerate(self.dataset["prompt_id"]) if self.is_heldout(p) == heldout]
+    def indices(self, split: str) -> list[int]:
+        """Dataset positions of the examples of one split (`train`, `validation`, `heldout`), in order."""
+        return [i for i, p in enumerate(self.dataset["prompt_id"]) if self.split_of(p) == split]
 
-    def split(self, heldout: bool):
-        """Examples on one side of the held-out split."""
-        return self.dataset.select(self.indices(heldout))
+    def subset(self, split: str):
+        """The examples of one split."""
+        return self.dataset.select(self.indices(split))
 
     def batch(self, indices: Sequence[int]) -> ResponseBatch:
         rows = [self.dataset[int(i)] for i in indices]
@@ -84,16 +86,20 @@ class TokenizedCorpus:
 
 
 def select_records(records: list[dict], cfg: Config) -> list[dict]:
-    """`data.samples` and `data.train_prompts`: a smaller training corpus, the same held-out set."""
+    """`data.samples` and `data.train_prompts`: a smaller training corpus, the same held-out and validation sets."""
     d = cfg.data
+
+    def train(r: dict) -> bool:
+        return split_of(r["prompt_id"], d.heldout_fraction, d.validation_fraction) == "train"
+
     if d.samples is not None:
-        records = [r for r in records if r.get("sample_index", 0) < d.samples or is_heldout(r["prompt_id"], d.heldout_fraction)]
+        records = [r for r in records if r.get("sample_index", 0) < d.samples or not train(r)]
     if d.train_prompts is not None:
         kept: set[str] = set()
         for r in records:
-            if len(kept) < d.train_prompts and not is_heldout(r["prompt_id"], d.heldout_fraction):
+            if len(kept) < d.train_prompts and train(r):
                 kept.add(r["prompt_id"])
-        records = [r for r in records if r["prompt_id"] in kept or is_heldout(r["prompt_id"], d.heldout_fraction)]
+        records = [r for r in records if r["prompt_id"] in kept or not train(r)]
     return records
 
 
@@ -114,4 +120,5 @@ def load_corpus(cfg: Config, run: Run) -> TokenizedCorpus:
     if d.samples is not None or d.train_prompts is not None:
         # A selection is another corpus: stored targets and tables keyed by the whole one must not match it.
         corpus_fp = f"{corpus_fp}:samples={d.samples}:train_prompts={d.train_prompts}"
-    return TokenizedCorpus(records, dataset, tokenizer, tokenizer_fingerprint(tokenizer), corpus_fp, d.heldout_fraction)
+    return TokenizedCorpus(records, dataset, tokenizer, tokenizer_fingerprint(tokenizer), corpus_fp, d.heldout_fraction,
+                           d.validation_fraction)  # fmt: skip

@@ -153,6 +153,16 @@ def is_heldout(prompt_id: str, fraction: float, salt: str = "heldout") -> bool:
     return int.from_bytes(digest[:8], "big") < fraction * 2**64
 
 
+def split_of(prompt_id: str, heldout_fraction: float, validation_fraction: float = 0.0) -> str:
+    """`heldout` (evaluation), `validation` (fitting; neither trained on nor evaluated) or `train`.
+
+    Both by hashes of the prompt id: a held-out prompt stays held out whatever the validation
+    share, and the validation prompts are a fixed share of the others."""
+    if is_heldout(prompt_id, heldout_fraction):
+        return "heldout"
+    return "validation" if is_heldout(prompt_id, validation_fraction, salt="validation") else "train"
+
+
 # ---------------------------------------------------------------- packing
 
 

@@ -52,18 +52,21 @@ def response_spans(record: dict, tokenizer, template: str, n: int) -> list[tuple
 
 
 def record_evidence(
-    mapper: EvidenceMapper | None, record: dict, tokenizer, template: str, n: int
+    mapper: EvidenceMapper | None, record: dict, tokenizer, template: str, n: int, top: int | None = None,
+    sampled: bool = True,
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """The teacher's top-k logprobs of a record on its first n response tokens (ids, probs [n, E]), or None.
 
-    None when logprobs are not used (no mapper) or the API returned none for this record; the
-    mapper still counts the positions, so that its summary's shares are of all positions."""
+    None when logprobs are not used (no mapper), `top` is 0, or the API returned none for this
+    record; the mapper still counts the positions, so that its summary's shares are of all
+    positions. `top` and `sampled`: see `EvidenceMapper.evidence`."""
     if mapper is None:
         return None
-    if not record.get("tokens"):
+    if not record.get("tokens") or top == 0:
         mapper.stats["positions"] += n
         return None
-    return mapper.evidence(record["text"], record["tokens"], response_spans(record, tokenizer, template, n))
+    spans = response_spans(record, tokenizer, template, n)
+    return mapper.evidence(record["text"], record["tokens"], spans, top=top, sampled=sampled)
 
 
 def topk_targets(evidence: tuple[np.ndarray, np.ndarray] | None, n: int) -> D.SparseDist:

@@ -63,8 +63,14 @@ class EvidenceMapper:
                 break
         return starts
 
-    def evidence(self, text: str, tokens: Sequence[dict] | None, spans: Sequence[tuple[int, int]], width: int = 21):
-        """ev_ids [n, width] (PAD = none) and ev_probs [n, width] for the n student positions with `spans`."""
+    def evidence(self, text: str, tokens: Sequence[dict] | None, spans: Sequence[tuple[int, int]], width: int = 21,
+                 top: int | None = None, sampled: bool = True):  # fmt: skip
+        """ev_ids [n, width] (PAD = none) and ev_probs [n, width] for the n student positions with `spans`.
+
+        `top`: use only the API's `top` most probable alternatives per token (None: all it returned),
+        as an API that offers fewer would. `sampled`: add the sampled token's own logprob when it is
+        not among them; False for black-box scoring, where the scored token must not be in the estimate.
+        """
         n = len(spans)
         ev_ids = np.full((n, width), PAD, dtype=np.int64)
         ev_probs = np.zeros((n, width))
@@ -77,8 +83,8 @@ class EvidenceMapper:
             if i is None:
                 continue
             mass: dict[int, float] = {}
-            alternatives = [(a_s, a_lp) for a_s, a_lp in tokens[i]["top"]]
-            if all(s != tokens[i]["token"] for s, _ in alternatives):
+            alternatives = sorted(((a_s, a_lp) for a_s, a_lp in tokens[i]["top"]), key=lambda a: -a[1])[:top]
+            if sampled and all(s != tokens[i]["token"] for s, _ in alternatives):
                 alternatives.append((tokens[i]["token"], tokens[i]["logprob"]))
             for s, lp in alternatives:
                 sid, length = self.student_first(s)

@@ -15,6 +15,7 @@ from bayeskd.data import (
     build_dataset,
     is_heldout,
     pack,
+    split_of,
     tokenize_record,
 )
 from bayeskd.distributions import SparseDist
@@ -172,19 +173,24 @@ def test_misaligned_targets_are_an_error(tok, dataset, target_set):
 
 def test_heldout_split_is_deterministic_and_disjoint_by_prompt(tok, corpus_records, dataset):
     corpus = TokenizedCorpus(corpus_records, dataset, tok, "tok", "corpus", heldout_fraction=0.3)
-    train, held = corpus.split(heldout=False), corpus.split(heldout=True)
-    assert train["index"] == corpus.split(heldout=False)["index"] and held["index"] == corpus.split(heldout=True)["index"]
+    train, held = corpus.subset("train"), corpus.subset("heldout")
+    assert train["index"] == corpus.subset("train")["index"] and held["index"] == corpus.subset("heldout")["index"]
     assert len(train) + len(held) == len(dataset) and len(held) > 0 and len(train) > 0
-    assert not set(train["prompt_id"]) & set(held["prompt_id"])
+    assert not set(train["prompt_id"]) & set(held["prompt_id"]) and not corpus.indices("validation")
     # The verdict depends on the prompt id alone: not on the order or the size of the corpus.
     reordered = build_dataset(corpus_records[::-1][:10], tok, "chat", 128)
-    for ex in TokenizedCorpus(corpus_records, reordered, tok, "tok", "corpus", 0.3).split(heldout=True):
+    for ex in TokenizedCorpus(corpus_records, reordered, tok, "tok", "corpus", 0.3).subset("heldout"):
         assert ex["prompt_id"] in set(held["prompt_id"])
     ids = [f"prompt-{i}" for i in range(4000)]
     share = sum(is_heldout(p, 0.1) for p in ids) / len(ids)
     assert 0.08 < share < 0.12
-    assert not TokenizedCorpus(corpus_records, dataset, tok, "tok", "corpus", 0.0).indices(heldout=True)
-    assert not TokenizedCorpus(corpus_records, dataset, tok, "tok", "corpus", 1.0).indices(heldout=False)
+    assert not TokenizedCorpus(corpus_records, dataset, tok, "tok", "corpus", 0.0).indices("heldout")
+    # A validation split takes its prompts from the training ones only: the held-out set stays.
+    three = TokenizedCorpus(corpus_records, dataset, tok, "tok", "corpus", 0.3, validation_fraction=0.4)
+    assert three.indices("heldout") == corpus.indices("heldout")
+    assert three.indices("validation") and set(three.indices("validation")) < set(corpus.indices("train"))
+    splits = [split_of(f"prompt-{i}", 0.1, 0.2) for i in range(4000)]
+    assert 0.17 < splits.count("validation") / (splits.count("validation") + splits.count("train")) < 0.23
 
 
 def test_corpus_selection_cuts_training_prompts_and_samples_but_keeps_the_heldout_set():

@@ -129,6 +129,25 @@ def test_evidence_mapping_aligns_by_characters(tok):
     assert s["positions_with_evidence"] == 2 and s["alternatives_first_token_credited"] >= 1
 
 
+def test_evidence_keeps_the_api_top_n_and_the_sampled_token_only_when_asked(tok):
+    """`top` keeps the n most probable alternatives, as an API that returns n would; `sampled=False`
+    leaves out the sampled token's own logprob (black-box scoring must not see the scored token)."""
+    mapper = EvidenceMapper(tok)
+    text = "the"
+    tokens = [{"token": "the", "logprob": -3.0, "top": [["a", -2.5], ["hello", -0.7], ["cat", -1.6]]}]
+    spans = [(0, 3)]
+    enc = {w: tok.encode(w, add_special_tokens=False)[0] for w in ("the", "a", "hello", "cat")}
+
+    def got(**kw) -> dict:
+        ids, probs = mapper.evidence(text, tokens, spans, **kw)
+        return {int(i): float(p) for i, p in zip(ids[0], probs[0]) if i >= 0}
+
+    assert got() == pytest.approx({enc["hello"]: np.exp(-0.7), enc["cat"]: np.exp(-1.6), enc["a"]: np.exp(-2.5),
+                                   enc["the"]: np.exp(-3.0)})  # fmt: skip
+    assert got(top=2) == pytest.approx({enc["hello"]: np.exp(-0.7), enc["cat"]: np.exp(-1.6), enc["the"]: np.exp(-3.0)})
+    assert got(top=2, sampled=False) == pytest.approx({enc["hello"]: np.exp(-0.7), enc["cat"]: np.exp(-1.6)})
+
+
 def test_misaligned_teacher_tokens_give_no_evidence_after_the_break(tok):
     mapper = EvidenceMapper(tok)
     text = "hello world"

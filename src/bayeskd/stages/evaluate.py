@@ -122,7 +122,7 @@ def score_estimates(cfg: Config, run: Run, corpus: TokenizedCorpus, teacher, hel
     prior = load_prior(cfg, run)
     proxy = load_causal_lm(str(run.output("proxy", "final")))
     vocab, p = len(corpus.tokenizer), cfg.posterior
-    indices = corpus.indices(heldout)
+    indices = corpus.indices("heldout" if heldout else "train")
     mapper = EvidenceMapper(corpus.tokenizer) if p.use_logprobs else None
     acc: dict[str, list] = defaultdict(list)
     lambdas = cfg.eval.control_lambdas
@@ -145,7 +145,8 @@ def score_estimates(cfg: Config, run: Run, corpus: TokenizedCorpus, teacher, hel
             kappa = prior.query(ctx, 1, targets=loo).kappa
             bare = update(p_prior, p_proxy, kappa, p, gen)
             post = bare
-            ev = record_evidence(mapper, corpus.records[row["index"]], corpus.tokenizer, cfg.data.template, len(y))
+            ev = record_evidence(mapper, corpus.records[row["index"]], corpus.tokenizer, cfg.data.template, len(y),
+                                 p.top_logprobs)  # fmt: skip
             if ev is not None:
                 post = D.apply_evidence(bare, np.tile(np.arange(vocab), (len(y), 1)), *ev)
             one_hot = M.smoothed_one_hot(y, vocab, cfg.eval.one_hot_eps)
@@ -195,7 +196,7 @@ def run_eval(cfg: Config, run: Run, force: bool = False) -> dict | None:
     out = run.begin("eval", {"eval": asdict(cfg.eval), "data": cfg.data.identity()}, {"corpus": corpus.corpus_fp, **inputs}, force)
     if out is None:
         return None
-    heldout = corpus.indices(heldout=True)[: cfg.eval.max_examples]
+    heldout = corpus.indices("heldout")[: cfg.eval.max_examples]
     if not heldout:
         raise BayeskdError("no held-out example: raise data.heldout_fraction or collect more prompts")
     teacher = _oracle(cfg, corpus)

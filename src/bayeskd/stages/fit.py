@@ -26,8 +26,8 @@ def fit(
     Returns the summary: steps, final train loss, held-out loss, where the model was saved.
     A rerun after a crash resumes from `out/checkpoints`.
     """
-    train_set = corpus.split(heldout=False)
-    eval_set = corpus.split(heldout=True)
+    train_set = corpus.subset("train")
+    eval_set = corpus.subset("heldout")
     collate = Collator(corpus.tokenizer.pad_token_id, targets=targets or {}, weights=weights)
     if cfg.data.packing:
         train_set = pack(train_set, cfg.data.max_length, seed=train_cfg.seed)

@@ -71,8 +71,8 @@ def _compute(cfg: Config, corpus: TokenizedCorpus, prior: ngram.NGramPrior, prox
         for i, row, z in zip(rb.indices, rb.rows, logits):
             sl = slice(int(starts[i]), int(starts[i + 1]))
             record = corpus.records[row["index"]]
-            loo = targets[sl] if cfg.prior.leave_one_out and not corpus.is_heldout(row["prompt_id"]) else None
-            ev = record_evidence(mapper, record, corpus.tokenizer, cfg.data.template, len(z))
+            loo = targets[sl] if cfg.prior.leave_one_out and corpus.split_of(row["prompt_id"]) == "train" else None
+            ev = record_evidence(mapper, record, corpus.tokenizer, cfg.data.template, len(z), p.top_logprobs)
             evidence = ev if p.use_logprobs else None
             dists, ent = estimate(prior, contexts[sl], loo, z, p, cfg.prior.top_k, evidence, generator)
             dists["topk"] = topk_targets(ev, len(z))

@@ -28,7 +28,7 @@ def run_prior(cfg: Config, run: Run, force: bool = False) -> dict | None:
     out = run.begin("prior", stage_cfg, inputs, force)
     if out is None:
         return None
-    train = corpus.split(heldout=False)
+    train = corpus.subset("train")
     vocab = len(corpus.tokenizer)
     table = ngram.build(
         corpus.docs(train), p.order, vocab, out / "tables", shard_tokens=p.shard_tokens, num_workers=p.num_workers

@@ -84,7 +84,7 @@ class Prober:
         self.t_of = np.arange(len(self.tokens)) - self.starts[self.row_of]
         self.prompt_ids = list(data["prompt_id"])
         self.record_of = list(data["index"])
-        row_train = np.array([not corpus.is_heldout(pid) for pid in self.prompt_ids])
+        row_train = np.array([corpus.split_of(pid) == "train" for pid in self.prompt_ids])
         self.train = row_train[self.row_of]
         self.loo = cfg.prior.leave_one_out
         self.kappa = np.zeros(len(self.tokens))
@@ -133,8 +133,9 @@ class Prober:
     def evidence(self, r: int):
         if r not in self._evidence:
             rec = self.record(r)
-            ok = self.cfg.posterior.use_logprobs and rec.get("tokens")
-            self._evidence[r] = self.mapper.evidence(rec["text"], rec["tokens"], self.spans(r)) if ok else None
+            top = self.cfg.posterior.top_logprobs
+            ok = self.cfg.posterior.use_logprobs and rec.get("tokens") and top != 0
+            self._evidence[r] = self.mapper.evidence(rec["text"], rec["tokens"], self.spans(r), top=top) if ok else None
         return self._evidence[r]
 
     def prefix(self, g: int) -> str:
