@@ -37,7 +37,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_STAGES = ("collect", "prior", "proxy", "posterior", "oracle")
 STUDENT_FIELDS = ("bpb", "kl_teacher", "rouge_l", "accuracy")
-ESTIMATES = ("one-hot", "prior", "proxy", "posterior-no-logprobs", "posterior", "one-hot+proxy")
 
 
 def bayeskd(*args: str) -> None:
@@ -203,6 +202,8 @@ def _student_order(mode: str) -> int:
 
 
 def tables(record: dict) -> str:
+    from bayeskd.report import ESTIMATES
+
     lines = [f"Students: mean ± sample std over seeds {record['seeds']} (held-out prompts: "
              f"{record['students_measured_on']['prompts']} prompts, {record['students_measured_on']['tokens']} response tokens)", "",
              "| student | bpb ↓ | KL(teacher ‖ student) ↓ | ROUGE-L ↑ | accuracy ↑ |", "|---|---|---|---|---|"]  # fmt: skip

@@ -372,9 +372,32 @@ class PosteriorConfig:
     """Examples per proxy forward pass."""
     seed: int = 0
     """Seed of `sampled`'s draws."""
+    fit: Literal["none", "auto"] = "none"
+    """`auto`: choose prior.order, prior.mu, M and tau_P by the black-box NLL of the teacher's own
+    tokens on the validation split (needs data.validation_fraction > 0; no oracle), over the grids
+    below, and record the choice in the posterior's manifest; later stages use it. `none`: the values as set."""
+    fit_orders: list[int] | None = None
+    """`auto`: the prior orders tried (null: 1 .. prior.order, the tables' order)."""
+    fit_mu: list[float] = field(default_factory=lambda: [0.5, 2.0, 8.0, 32.0])
+    """`auto`: the prior's mu values tried."""
+    fit_m: list[float] = field(default_factory=lambda: [0.0, 1.0, 4.0, 16.0, 64.0, 256.0, 1024.0])
+    """`auto`: the proxy strengths M tried (0: the prior alone; .inf: the proxy alone)."""
+    fit_proxy_temperature: list[float] = field(default_factory=lambda: [0.8, 1.0, 1.25])
+    """`auto`: the proxy temperatures tau_P tried."""
+    fit_positions: int = 4000
+    """`auto`: most validation positions scored."""
 
     def validate(self, path: str) -> None:
         _check(self.m >= 0, f"{path}.m", self.m, "must be >= 0")
+        _check(all(m >= 0 for m in self.fit_m) and self.fit_m, f"{path}.fit_m", self.fit_m, "must be values >= 0")
+        _check(self.mode != "sampled" or all(float(m).is_integer() or m == float("inf") for m in self.fit_m),
+               f"{path}.fit_m", self.fit_m, "must be whole numbers of draws for mode sampled")  # fmt: skip
+        _check(all(v > 0 for v in self.fit_mu) and self.fit_mu, f"{path}.fit_mu", self.fit_mu, "must be values > 0")
+        _check(all(v > 0 for v in self.fit_proxy_temperature) and self.fit_proxy_temperature,
+               f"{path}.fit_proxy_temperature", self.fit_proxy_temperature, "must be values > 0")  # fmt: skip
+        _check(self.fit_orders is None or all(o >= 1 for o in self.fit_orders), f"{path}.fit_orders",
+               self.fit_orders, "must be orders >= 1 or null")  # fmt: skip
+        _check(self.fit_positions >= 1, f"{path}.fit_positions", self.fit_positions, "must be >= 1")
         _check(self.mode != "sampled" or float(self.m).is_integer(), f"{path}.m", self.m, "must be a whole number of draws for mode sampled")
         _check(self.proxy_temperature > 0, f"{path}.proxy_temperature", self.proxy_temperature, "must be > 0")
         _check(self.top_k >= 1, f"{path}.top_k", self.top_k, "must be >= 1")

@@ -98,8 +98,12 @@ def test_posterior_and_every_distill_mode_through_the_cli(tiny_teacher_dir, tmp_
     assert "upper bound" in students["oracle-kd"]["note"]
     for setting in ("train", "heldout"):
         est = metrics["estimates"][setting]
-        for name in ("one-hot", "prior", "proxy", "posterior-no-logprobs", "posterior", "one-hot+proxy"):
+        for name in ("one-hot", "prior", "proxy", "posterior-no-logprobs", "posterior", "one-hot+proxy", "one-hot+posterior"):
             assert est[name]["kl"] >= 0 and 0 <= est[name]["top1"] <= 1 and est[name]["tokens"] > 0
+    bb = metrics["estimates"]["heldout"]["blackbox"]
+    assert {"prior", "proxy", "posterior-no-logprobs"} <= set(bb["estimates"]) and -1 <= bb["kendall_tau"] <= 1
+    for name, r in bb["estimates"].items():  # the black-box NLL is the same column as the fidelity table's
+        assert r["kl"] >= 0 and r["nll"] == pytest.approx(metrics["estimates"]["heldout"].get(name, r)["nll"])
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "| sft |" in report and (tmp_path / "eval" / "students.png").is_file()
     assert (tmp_path / "eval" / "fidelity.png").is_file() and (tmp_path / "eval" / "training.png").is_file()
@@ -141,3 +145,29 @@ def test_distill_refuses_targets_from_another_corpus(tiny_teacher_dir, tmp_path,
     assert main(["collect", *args, "collect.limit=20", "--force"]) == 0
     assert main(["distill", *args, "--force"]) == 2
     assert "another corpus" in capsys.readouterr().err
+
+
+def test_posterior_fit_auto_chooses_on_the_validation_split_without_an_oracle(tiny_teacher_dir, tmp_path, capsys):
+    args = [*tiny_args(tmp_path, tiny_teacher_dir), "posterior.fit=auto", "posterior.fit_mu=[0.5, 8.0]",
+            "posterior.fit_m=[0.0, 4.0, .inf]", "posterior.fit_proxy_temperature=[1.0]"]  # fmt: skip
+    for stage in ("collect", "prior", "proxy"):
+        assert main([stage, *args]) == 0
+    # No validation split: the fit has nothing it may score, and says what to set.
+    assert main(["posterior", *args]) == 2
+    assert "data.validation_fraction" in capsys.readouterr().err
+    args.append("data.validation_fraction=0.3")
+    for stage in ("prior", "proxy", "posterior"):
+        assert main([stage, *args, "--force"]) == 0
+    fit = manifest(tmp_path, "posterior")["summary"]["fit"]
+    grid = json.loads((tmp_path / "posterior" / "fit.json").read_text())["grid"]
+    assert len(grid) == 3 * 2 * 3 and fit["positions"] > 0 and fit["with_logprobs"]
+    assert fit["nll"] == min(g["nll"] for g in grid) and fit["chosen"]["mu"] in (0.5, 8.0)
+    # Validation prompts are neither counted by the prior nor trained on by the proxy.
+    prior = manifest(tmp_path, "prior")["summary"]
+    proxy = manifest(tmp_path, "proxy")["summary"]
+    corpus = [json.loads(x) for x in (tmp_path / "collect" / "corpus.jsonl").read_text().splitlines()]
+    from bayeskd.data import split_of
+
+    splits = [split_of(r["prompt_id"], 0.2, 0.3) for r in corpus]
+    assert splits.count("validation") > 0
+    assert prior["examples"] == proxy["train_examples"] == splits.count("train")

@@ -25,6 +25,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
+from bayeskd import blackbox
 from bayeskd import distributions as D
 from bayeskd import metrics as M
 from bayeskd import ngram
@@ -118,15 +119,16 @@ def _generate_left_padded(cfg: Config, corpus: TokenizedCorpus, model, indices: 
 
 
 def score_estimates(cfg: Config, run: Run, corpus: TokenizedCorpus, teacher, heldout: bool) -> dict:
-    """Fidelity of each estimate to the teacher, dense over the vocabulary, in one setting."""
+    """Fidelity of each estimate to the teacher, dense over the vocabulary, in one setting.
+
+    Held-out, also the black-box NLL of the estimates that do not contain the scored token,
+    next to their oracle KL, and how well the two agree on their order (`blackbox`)."""
     prior = load_prior(cfg, run)
     proxy = load_causal_lm(str(run.output("proxy", "final")))
     vocab, p = len(corpus.tokenizer), cfg.posterior
     indices = corpus.indices("heldout" if heldout else "train")
     mapper = EvidenceMapper(corpus.tokenizer) if p.use_logprobs else None
     acc: dict[str, list] = defaultdict(list)
-    lambdas = cfg.eval.control_lambdas
-    control = {lam: [] for lam in lambdas}
     positions = 0
     gen = torch.Generator().manual_seed(p.seed)
     for rb in corpus.batches(indices, cfg.eval.batch_size, f"eval: fidelity ({'heldout' if heldout else 'train'})"):
@@ -142,37 +144,56 @@ def score_estimates(cfg: Config, run: Run, corpus: TokenizedCorpus, teacher, hel
             # the tables (left out when prior.leave_one_out, as the posterior stage did).
             loo = y if (not heldout and cfg.prior.leave_one_out) else None
             p_prior = prior.dense(ctx, targets=loo)
-            kappa = prior.query(ctx, 1, targets=loo).kappa
-            bare = update(p_prior, p_proxy, kappa, p, gen)
-            post = bare
-            ev = record_evidence(mapper, corpus.records[row["index"]], corpus.tokenizer, cfg.data.template, len(y),
-                                 p.top_logprobs)  # fmt: skip
-            if ev is not None:
-                post = D.apply_evidence(bare, np.tile(np.arange(vocab), (len(y), 1)), *ev)
-            one_hot = M.smoothed_one_hot(y, vocab, cfg.eval.one_hot_eps)
-            estimates = (("one-hot", one_hot), ("prior", p_prior), ("proxy", p_proxy),
-                         ("posterior-no-logprobs", bare), ("posterior", post))
-            for name, est in estimates:
+            bare = update(p_prior, p_proxy, prior.query(ctx, 1, targets=loo).kappa, p, gen)
+            record, every = corpus.records[row["index"]], np.tile(np.arange(vocab), (len(y), 1))
+            ev = record_evidence(mapper, record, corpus.tokenizer, cfg.data.template, len(y), p.top_logprobs)
+            estimates = {"one-hot": M.smoothed_one_hot(y, vocab, cfg.eval.one_hot_eps), "prior": p_prior,
+                         "proxy": p_proxy, "posterior-no-logprobs": bare,
+                         "posterior": bare if ev is None else D.apply_evidence(bare, every, *ev)}  # fmt: skip
+            if heldout and ev is not None:  # the API's top-k without the sampled token's own logprob
+                ev = record_evidence(mapper, record, corpus.tokenizer, cfg.data.template, len(y), p.top_logprobs, False)
+                estimates["posterior (top-k only)"] = D.apply_evidence(bare, every, *ev)
+            hard = np.zeros_like(p_proxy)
+            hard[np.arange(len(y)), y] = 1.0
+            for lam in cfg.eval.control_lambdas:
+                estimates[f"one-hot+proxy@{lam}"] = lam * hard + (1 - lam) * p_proxy
+                estimates[f"one-hot+posterior@{lam}"] = lam * hard + (1 - lam) * bare
+            for name, est in estimates.items():
                 for k, v in M.fidelity(p_t, est, y).items():
                     acc[f"{name}/{k}"].append(v)
             acc["position"].append(np.arange(len(y)))
-            for lam in lambdas:
-                hard = np.zeros_like(p_proxy)
-                hard[np.arange(len(y)), y] = 1.0
-                control[lam].append(M.fidelity(p_t, lam * hard + (1 - lam) * p_proxy, y))
             positions += len(y)
     if positions == 0:
         return {}
-    out = {name: {k: float(np.concatenate(acc[f"{name}/{k}"]).mean()) for k in ("kl", "top1", "nll")}
-           for name in ESTIMATES if name != "one-hot+proxy"}
-    best = min(lambdas, key=lambda lam: np.concatenate([c["kl"] for c in control[lam]]).mean())
-    out["one-hot+proxy"] = {k: float(np.concatenate([c[k] for c in control[best]]).mean()) for k in ("kl", "top1", "nll")}
-    out["one-hot+proxy"]["lambda"] = best
+    out = {name: _means(acc, name) for name in ESTIMATES if "+" not in name}
+    for name in ("one-hot+proxy", "one-hot+posterior"):  # the controls, at their best lambda
+        best = min(cfg.eval.control_lambdas, key=lambda lam: _means(acc, f"{name}@{lam}")["kl"])
+        out[name] = {**_means(acc, f"{name}@{best}"), "lambda": best}
     for v in out.values():
         v.update(tokens=positions, prompts=len({corpus.dataset[i]["prompt_id"] for i in indices}))
     out["by_position"] = _by_position(acc)
     out["leave_one_out"] = bool(cfg.prior.leave_one_out and not heldout)
+    if heldout:
+        out["blackbox"] = _blackbox(acc)
     return out
+
+
+def _means(acc: dict, name: str) -> dict:
+    return {k: float(np.concatenate(acc[f"{name}/{k}"]).mean()) for k in ("kl", "top1", "nll")}
+
+
+def _blackbox(acc: dict) -> dict:
+    """The held-out NLL of the teacher's own tokens (no oracle) beside the oracle KL, for every
+    estimate that does not contain the scored token, and their rank agreement (Kendall's tau).
+
+    Where the top-k only posterior was not scored at every position (records without logprobs),
+    it is left out, so that all rows cover the same positions."""
+    names = ["prior", "proxy", "posterior-no-logprobs"]
+    if len(acc.get("posterior (top-k only)/kl", ())) == len(acc["prior/kl"]):
+        names.append("posterior (top-k only)")
+    rows = {n: {"nll": m["nll"], "kl": m["kl"]} for n in names for m in [_means(acc, n)]}
+    tau = blackbox.kendall_tau([r["nll"] for r in rows.values()], [r["kl"] for r in rows.values()])
+    return {"estimates": rows, "kendall_tau": tau}
 
 
 def _by_position(acc: dict) -> dict:
@@ -205,8 +226,9 @@ def run_eval(cfg: Config, run: Run, force: bool = False) -> dict | None:
     if "oracle-kd" in metrics["students"]:
         metrics["students"]["oracle-kd"]["note"] = "upper bound: trained on the true teacher distribution"
     if cfg.eval.estimates and teacher is not None and run.manifest("posterior"):
+        fitted = blackbox.effective(cfg, run)  # the estimates as the posterior made them
         metrics["estimates"] = {
-            setting: score_estimates(cfg, run, corpus, teacher, heldout=setting == "heldout")
+            setting: score_estimates(fitted, run, corpus, teacher, heldout=setting == "heldout")
             for setting in ("train", "heldout")
         }
     write_json_atomic(out / "metrics.json", metrics)

@@ -19,8 +19,8 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from bayeskd import ngram
-from bayeskd.artifacts import Run, fingerprint_file
+from bayeskd import blackbox, ngram
+from bayeskd.artifacts import Run, fingerprint_file, write_json_atomic
 from bayeskd.config import Config
 from bayeskd.corpus import TokenizedCorpus, load_corpus
 from bayeskd.estimate import TARGET_SETS, estimate, load_prior, record_evidence, topk_targets
@@ -47,7 +47,14 @@ def run_posterior(cfg: Config, run: Run, force: bool = False) -> dict | None:
     out = run.begin("posterior", stage_cfg, inputs, force)
     if out is None:
         return None
-    summary = _compute(cfg, corpus, load_prior(cfg, run), load_causal_lm(str(proxy_dir)), out, inputs)
+    proxy = load_causal_lm(str(proxy_dir))
+    fitted = {}
+    if cfg.posterior.fit == "auto":  # no oracle: the teacher's own tokens on the validation split
+        result = blackbox.fit(cfg, corpus, ngram.NGramTable.load(run.output("prior", "tables")), proxy)
+        write_json_atomic(out / "fit.json", result)
+        cfg = blackbox.with_values(cfg, result["chosen"])
+        fitted = {"fit": {k: v for k, v in result.items() if k != "grid"}}
+    summary = {**fitted, **_compute(cfg, corpus, load_prior(cfg, run), proxy, out, inputs)}
     run.finish("posterior", "done", summary, {"targets": corpus.tokenizer_fp})
     return summary
 

@@ -46,8 +46,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from bayeskd import blackbox, ngram
 from bayeskd import distributions as D
-from bayeskd import ngram
 from bayeskd.artifacts import Run, write_json_atomic
 from bayeskd.config import Config
 from bayeskd.corpus import TokenizedCorpus, load_corpus
@@ -338,6 +338,7 @@ def run_probe(cfg: Config, run: Run, force: bool = False) -> dict | None:
         return None
     from bayeskd.models import load_causal_lm
 
+    cfg = blackbox.effective(cfg, run)  # the posterior's fitted values, when posterior.fit chose them
     prober = Prober(cfg, corpus, load_prior(cfg, run), load_causal_lm(str(run.output("proxy", "final"))), source,
                     cfg.teacher.key_name)  # fmt: skip
     store = ResponseStore(out / "store", flush_every=cfg.collect.flush_every)
