@@ -9,7 +9,10 @@ and H(p_T) is the same for every estimate, so the mean NLL of the teacher's own 
 positions nothing was trained on ranks estimates as the oracle KL does, up to sampling noise.
 "Without the scored token" rules out the one-hot and the control, and the sampled token's own
 logprob, which an API adds when it is not among the top-k (`EvidenceMapper.evidence(sampled=False)`
-leaves it out); the top-k itself depends on the prefix only, so it may stay.
+leaves it out); the top-k itself depends on the prefix only, so it may stay. The identity also
+assumes that the student's tokens of the teacher's text are the path the teacher sampled: true
+when they share a tokenizer and the teacher's samples tokenize canonically (a trained model's
+nearly always do; an untrained tiny model's often do not), approximate across tokenizers.
 
 `fit` chooses the prior's order and mu, the proxy's strength M and temperature tau_P of the
 posterior by this NLL on the validation split (`data.validation_fraction`: prompts neither
@@ -73,7 +76,7 @@ def gather(cfg: Config, corpus: TokenizedCorpus, proxy, split: str = "validation
         )
     mapper = EvidenceMapper(corpus.tokenizer) if p.use_logprobs else None
     vocab, width = len(corpus.tokenizer), 21
-    taus = sorted(set(p.fit_proxy_temperature))
+    taus = sorted(set(p.fit_proxy_temperature) | {p.proxy_temperature})
     ctx, cand, ev_p, prox = [], [], [], {t: [] for t in taus}
     n = 0
     for rb in corpus.batches(indices, p.batch_size, f"posterior: fit ({split})"):
@@ -127,23 +130,25 @@ def fit(cfg: Config, corpus: TokenizedCorpus, table: ngram.NGramTable, proxy) ->
     orders = p.fit_orders or list(range(1, table.order + 1))
     if max(orders) > table.order:
         raise BayeskdError(f"posterior.fit_orders={orders}: the prior's tables hold orders up to {table.order} (prior.order)")
+    # The configured values are always a grid point: the fit never chooses worse than them on validation.
+    orders, mus, ms = (sorted(set(g) | {v}) for g, v in ((orders, cfg.prior.order), (p.fit_mu, cfg.prior.mu), (p.fit_m, p.m)))
     pos = gather(cfg, corpus, proxy)
     safe = np.where(pos.cand >= 0, pos.cand, 0)
     grid = []
-    for order, mu in itertools.product(orders, p.fit_mu):
+    for order, mu in itertools.product(orders, mus):
         prior = ngram.NGramPrior(table, mu=mu, order=order)
         prior_c = prior.prob(pos.contexts, safe)
         kappa = prior.query(pos.contexts, 1).kappa
-        for tau, m in itertools.product(sorted(pos.proxy), p.fit_m):
+        for tau, m in itertools.product(sorted(pos.proxy), ms):
             q = posterior_at_y(prior_c, pos.proxy[tau], kappa, m, pos)
             grid.append({"order": order, "mu": mu, "proxy_temperature": tau, "m": m, "nll": nll(q)})
     best = min(grid, key=lambda g: g["nll"])
     default = {"order": cfg.prior.order, "mu": cfg.prior.mu, "proxy_temperature": p.proxy_temperature, "m": p.m}
-    at_default = [g for g in grid if all(g[k] == v for k, v in default.items())]
+    at_default = [g for g in grid if all(g[k] == v for k, v in default.items())]  # one: it is a grid point
     return {
         "chosen": {k: best[k] for k in ("order", "mu", "m", "proxy_temperature")},
         "nll": best["nll"],
-        "nll_at_configured": at_default[0]["nll"] if at_default else None,
+        "nll_at_configured": at_default[0]["nll"],
         "positions": int(len(pos.cand)),
         "with_logprobs": bool((pos.cand[:, 1:] >= 0).any()),
         "grid": sorted(grid, key=lambda g: g["nll"]),
