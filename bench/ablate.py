@@ -8,8 +8,10 @@ prior's counts with the scored sequence left out when prior.leave_one_out, and a
 `heldout`: held-out prompts), the teacher's true distribution (the oracle: evaluator only),
 the run's proxy and the prior's tables are evaluated once; then every (order, mu, M)
 combination is scored exactly, dense over the vocabulary: KL(p_T || p_post) for the
-posterior alone and with the teacher's top-k logprob evidence (where the corpus has it).
-M = 0 is the prior alone; M = inf is the proxy alone. Writes OUT/ablate.json and OUT/ablate.md.
+posterior alone and with the teacher's top-k logprob evidence (where the corpus has it), and,
+held-out, the black-box NLL of the teacher's own tokens (no oracle) with the rank agreement of the
+two over the grid. M = 0 is the prior alone; M = inf is the proxy alone. Writes OUT/ablate.json
+and OUT/ablate.md.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def gather(cfg, run, corpus, teacher, proxy, heldout: bool, limit: int):
 
     mapper = EvidenceMapper(corpus.tokenizer)
     vocab = len(corpus.tokenizer)
-    out = {"p_t": [], "p_proxy": [], "ctx": [], "y": [], "ev_ids": [], "ev_p": []}
+    out = {"p_t": [], "p_proxy": [], "ctx": [], "y": [], "ev_ids": [], "ev_p": [], "bb_ids": [], "bb_p": []}
     n = 0
     for rb in corpus.batches(corpus.indices("heldout" if heldout else "train"), 8, f"ablate: {'heldout' if heldout else 'train'}"):
         if n >= limit:
@@ -47,15 +49,16 @@ def gather(cfg, run, corpus, teacher, proxy, heldout: bool, limit: int):
             out["y"].append(y)
             out["p_t"].append(torch.softmax(zt / max(cfg.collect.temperature, 1e-6), -1).double().numpy())
             out["p_proxy"].append(torch.softmax(zp, -1).double().numpy())
-            ev_ids = np.full((len(y), 21), -1, np.int64)
-            ev_p = np.zeros((len(y), 21))
-            ev = record_evidence(mapper, corpus.records[row["index"]], corpus.tokenizer, cfg.data.template, len(y),
-                                 cfg.posterior.top_logprobs)  # fmt: skip
-            if ev is not None:
-                e_ids, e_p = ev
-                ev_ids[:, : e_ids.shape[1]], ev_p[:, : e_p.shape[1]] = e_ids, e_p
-            out["ev_ids"].append(ev_ids)
-            out["ev_p"].append(ev_p)
+            # The evidence as the posterior uses it, and without the sampled token's own logprob (black-box scoring).
+            for key, sampled in (("ev", True), ("bb", False)):
+                ev_ids = np.full((len(y), 21), -1, np.int64)
+                ev_p = np.zeros((len(y), 21))
+                ev = record_evidence(mapper, corpus.records[row["index"]], corpus.tokenizer, cfg.data.template, len(y),
+                                     cfg.posterior.top_logprobs, sampled)  # fmt: skip
+                if ev is not None:
+                    ev_ids[:, : ev[0].shape[1]], ev_p[:, : ev[1].shape[1]] = ev
+                out[f"{key}_ids" if key == "bb" else "ev_ids"].append(ev_ids)
+                out[f"{key}_p"].append(ev_p)
             n += len(y)
     return {k: np.concatenate(v)[:limit] for k, v in out.items()}
 
@@ -72,9 +75,9 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.path.insert(0, str(ROOT / "src"))
+    from bayeskd import blackbox, ngram
     from bayeskd import distributions as D
     from bayeskd import metrics as M
-    from bayeskd import ngram
     from bayeskd.artifacts import Run
     from bayeskd.config import load_config
     from bayeskd.models import load_causal_lm
@@ -112,7 +115,12 @@ def main() -> None:
                 for m in args.ms:
                     post = g["p_proxy"] if np.isinf(m) else D.expected(p_prior, g["p_proxy"], kappa, m)
                     with_ev = D.apply_evidence(post, cand, g["ev_ids"], g["ev_p"]) if has_ev.any() else post
+                    bb_ev = D.apply_evidence(post, cand, g["bb_ids"], g["bb_p"]) if has_ev.any() else post
+                    rows = np.arange(len(g["y"]))
                     results.append({
+                        "blackbox_nll": blackbox.nll(post[rows, g["y"]]),
+                        "blackbox_nll_with_logprobs": blackbox.nll(bb_ev[rows, g["y"]]),
+                        "kl_with_logprobs_topk_only": float(M.kl_dense(g["p_t"], bb_ev).mean()),
                         "setting": name, "order": order, "mu": mu, "m": m, "positions": len(g["y"]),
                         "kl": float(M.kl_dense(g["p_t"], post).mean()),
                         "kl_with_logprobs": float(M.kl_dense(g["p_t"], with_ev).mean()),
@@ -141,6 +149,17 @@ def main() -> None:
                 lines.append(f"| {order} | {mu:g} | " + " | ".join(f"{r['kl']:.3f} / {r['kl_with_logprobs']:.3f}" for r in cells) + " |")
         lines += ["", f"Best without logprobs: order {best['order']}, mu {best['mu']:g}, M {best['m']:g}: {best['kl']:.3f}. "
                   f"Best with: order {best_ev['order']}, mu {best_ev['mu']:g}, M {best_ev['m']:g}: {best_ev['kl_with_logprobs']:.3f}.", ""]  # fmt: skip
+    held = [r for r in results if r["setting"] == "heldout"]
+    if held:  # no oracle needed: does the teacher's own sampled tokens' NLL order the grid as the oracle KL does?
+        tau = blackbox.kendall_tau([r["blackbox_nll"] for r in held], [r["kl"] for r in held])
+        tau_ev = blackbox.kendall_tau([r["blackbox_nll_with_logprobs"] for r in held], [r["kl_with_logprobs_topk_only"] for r in held])
+        best_bb, best_kl = min(held, key=lambda r: r["blackbox_nll"]), min(held, key=lambda r: r["kl"])
+        lines += ["### held-out: the black-box NLL against the oracle KL, over the grid", "",
+                  f"Kendall's tau over {len(held)} cells: {tau:.3f} without logprobs, {tau_ev:.3f} with the top-k "
+                  f"(the sampled token's own logprob left out of both). The black-box NLL's best cell: order "
+                  f"{best_bb['order']}, mu {best_bb['mu']:g}, M {best_bb['m']:g} (oracle KL {best_bb['kl']:.3f}); "
+                  f"the oracle's best: order {best_kl['order']}, mu {best_kl['mu']:g}, M {best_kl['m']:g} "
+                  f"(KL {best_kl['kl']:.3f}).", ""]  # fmt: skip
     md = "\n".join(lines)
     (out / "ablate.md").write_text(md)
     print(md)
