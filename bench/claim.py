@@ -271,6 +271,15 @@ def plots(record: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def write_record(out_arg: str, name: str, record: dict, md: str) -> Path:
+    """OUT/name.json and OUT/name.md; returns OUT (relative paths are under the repository root)."""
+    out = ROOT / out_arg if not Path(out_arg).is_absolute() else Path(out_arg)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(record, indent=2, default=str))
+    (out / f"{name}.md").write_text(md)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="bench/claim.yaml")
@@ -321,11 +330,8 @@ def main() -> None:
         "scaling": scale,
         "seconds": time.perf_counter() - started,
     }
-    out = ROOT / args.out if not Path(args.out).is_absolute() else Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "claim.json").write_text(json.dumps(record, indent=2, default=str))
     md = tables(record)
-    (out / "claim.md").write_text(md)
+    out = write_record(args.out, "claim", record, md)
     plots(record, out)
     print(md)
     print(f"wrote {out}/claim.json, claim.md, students.png, scaling.png ({record['seconds'] / 60:.1f} min)")

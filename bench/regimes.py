@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from claim import ROOT, STUDENT_FIELDS, bayeskd, summarise  # bench/claim.py, beside this script
+from claim import ROOT, STUDENT_FIELDS, bayeskd, summarise, write_record  # bench/claim.py, beside this script
 
 SHARED = ("collect", "prior", "proxy")
 FIDELITY = ("prior", "proxy", "posterior-no-logprobs", "posterior", "one-hot+proxy", "one-hot+posterior")
@@ -192,11 +192,8 @@ def main() -> None:
         "regimes": [regime_record(r, results[r, False], results[r, True], shared, base) for r in args.regimes],
         "seconds": time.perf_counter() - started,
     }
-    out = ROOT / args.out if not Path(args.out).is_absolute() else Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "regimes.json").write_text(json.dumps(record, indent=2, default=str))
     md = tables(record)
-    (out / "regimes.md").write_text(md)
+    out = write_record(args.out, "regimes", record, md)
     plot(record, out)
     print(md)
     print(f"wrote {out}/regimes.json, regimes.md, regimes.png ({record['seconds'] / 60:.1f} min)")
