@@ -251,7 +251,7 @@ class Decoder:
                     break
                 free -= 1
             rows.append(self.pending.popleft())
-        return self._admit_group(rows)
+        return self._admit_group(rows) if rows else []
 
     def _admit_group(self, rows: list[Row]) -> list[Row]:
         prompts = list({id(r.prompt): r.prompt for r in rows}.values())
