@@ -112,8 +112,8 @@ def run_serve(teacher, reqs, clients: int) -> tuple[int, int]:
                     if not todo:
                         return
                     r = todo.pop(0)
-                out = sdk.chat.completions.create(model=teacher.model_ref, messages=r.message_dicts(),
-                                                  max_tokens=r.max_tokens, temperature=r.temperature, seed=r.seed)  # fmt: skip
+                out = sdk.chat.completions.create(model=teacher.model_ref, messages=r.message_dicts(), seed=r.seed,
+                                                  max_tokens=r.max_tokens, temperature=r.temperature)  # fmt: skip
                 with lock:
                     totals[0] += out.usage.completion_tokens
                     totals[1] += out.usage.prompt_tokens

@@ -28,7 +28,8 @@ def teacher(tiny_lm):
 
 def prompts(tok) -> list[list[int]]:
     """Chat prompts of different lengths; those with the system message share a long head (the kept prefix)."""
-    chats = [[SYSTEM, {"role": "user", "content": q}] for q in QUESTIONS[:3]] + [[{"role": "user", "content": q}] for q in QUESTIONS[3:]]
+    chats = [[SYSTEM, {"role": "user", "content": q}] for q in QUESTIONS[:3]]
+    chats += [[{"role": "user", "content": q}] for q in QUESTIONS[3:]]
     texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
     return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
 

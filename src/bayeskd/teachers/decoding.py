@@ -405,14 +405,14 @@ def _common_length(a: list[int], b: list[int]) -> int:
 def _by_length(prompts: list[list[int]], shared: int) -> list[list[list[int]]]:
     """Prompts sorted by length and cut into prefill batches that pad little.
 
-    A batch grows while padding to its longest prompt costs under a quarter more tokens than
+    A batch grows while padding to its longest prompt costs at most a tenth more tokens than
     the prompts hold and stays within PREFILL_TOKENS.
     """
     batches: list[list[list[int]]] = []
     held = 0
     for p in sorted(prompts, key=len):
         n = len(p) - shared
-        if batches and n * (len(batches[-1]) + 1) <= min(1.25 * (held + n), PREFILL_TOKENS):
+        if batches and n * (len(batches[-1]) + 1) <= min(1.1 * (held + n), PREFILL_TOKENS):
             batches[-1].append(p)
             held += n
         else:

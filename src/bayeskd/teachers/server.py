@@ -18,6 +18,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -118,7 +119,7 @@ class Batcher:
                 rows += jobs[-1].request.n
             for job in jobs:
                 try:
-                    self.teacher.submit(job.request, lambda result, job=job: loop.call_soon_threadsafe(self._resolve, job, result))
+                    self.teacher.submit(job.request, partial(loop.call_soon_threadsafe, self._resolve, job))
                 except Exception as e:  # a failure in one request must not take the server down
                     self._resolve(job, TeacherError(f"generation failed: {e}"))
 
