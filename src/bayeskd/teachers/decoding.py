@@ -207,6 +207,9 @@ class Decoder:
     """
 
     def __init__(self, model, slots: int, eos_id: int, pad_id: int, decode: Callable[[list[int]], str]):
+        kinds = set(getattr(model.config, "layer_types", None) or ["full_attention"])
+        if kinds != {"full_attention"}:  # a slot keeps every position; a sliding window would need to forget some
+            raise ValueError(f"the local decoder needs full-attention layers; this model has {sorted(kinds)}")
         self.model, self.slots, self.eos_id, self.pad_id, self.decode = model, slots, eos_id, pad_id, decode
         self.device = next(model.parameters()).device
         self.cache = SlotCache(model.config.num_hidden_layers, slots)
