@@ -1,23 +1,26 @@
 """Benchmark of teacher decoding: the continuous-batching decoder against HF `generate`, through serve and collect.
 
-    python bench/generate.py [--quick] [--prompts 96] [--max-tokens 64] [--threads N] [--out bench/out/generate.json]
+    python bench/generate.py [--quick] [--prompts 128] [--max-tokens 64] [--threads N] [--out bench/out/generate.json]
 
 Model: the embedded teacher SmolLM2-135M-Instruct, fp32 on CPU. Requests: the built-in prompts
 as chat messages, n=1, temperature 1, top_p 1, `--max-tokens` new tokens at most (EOS ends a
 response earlier), seeded. Tokens/s counts completion tokens (EOS included, as APIs count
 them) over wall time, prompt processing included. Rows:
 
-  decoder B=16/32/64   LocalTeacher.stream: continuous batching with B rows in flight
+  decoder B=16..128    LocalTeacher.stream: continuous batching with B rows in flight
   hf-generate B=...    the old path: static batches of B requests through model.generate
-                       (left padding, sampling with top_k=0), as LocalTeacher did before
-  serve C=32/64        `bayeskd serve` in this process (BackgroundServer, max_batch 64) under
-                       C concurrent OpenAI-SDK clients (threads)
+                       (left padding, sampling with top_k=0), as LocalTeacher did before; on
+                       the first 64 prompts (its rate hardly depends on how many)
+  serve C=32/64        `bayeskd serve` in this process (BackgroundServer, serve.max_batch's
+                       default rows) under C concurrent OpenAI-SDK clients (threads)
   collect              bayeskd.stages.collect.run_collect on a temp run folder, local teacher
+                       with teacher.batch_size's default
 
-The ceiling: a big fp32 matmul's FLOP/s measured here divided by 2N FLOPs per token (N the
-model's parameters, every one used once per token). Prompt tokens cost compute too, so a
-decoder cannot reach it; the ratio to it says how much of the CPU the decoder turns into tokens.
-Timings on a shared machine are noisy (~25%): compare rows of one run, not runs.
+The ceiling: a big fp32 matmul's FLOP/s divided by 2N FLOPs per token (N the model's
+parameters, each used once per token), measured for a second just before each row, since other
+jobs on a shared machine come and go. Prompt tokens cost compute too, so a decoder cannot reach
+it; the ratio says how much of the CPU the decoder turns into tokens. Timings on a shared
+machine are noisy (~25%): compare rows of one run, not runs.
 """
 
 from __future__ import annotations
@@ -141,8 +144,8 @@ def run_collect_stage(n_prompts: int, max_tokens: int, batch: int) -> tuple[int,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="48 prompts, 48 tokens, fewer rows (about 3 minutes)")
-    ap.add_argument("--prompts", type=int, default=96)
+    ap.add_argument("--quick", action="store_true", help="48 prompts, 48 tokens, fewer rows (a few minutes)")
+    ap.add_argument("--prompts", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own, the CPU count)")
     ap.add_argument("--out", default="bench/out/generate.json")
@@ -152,7 +155,6 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from rich.console import Console
-    from rich.table import Table
 
     from bayeskd.teachers.local import LocalTeacher
 
@@ -166,16 +168,35 @@ def main() -> None:
     console.print(f"fp32 matmul {gflops:.0f} GFLOP/s on {torch.get_num_threads()} threads; N = {n_params / 1e6:.1f}M "
                   f"-> ceiling {ceiling:.0f} tokens/s; {len(reqs)} prompts, max_tokens {args.max_tokens}")
     run_decoder(teacher, reqs[:4])  # warm-up: first-call allocations, thread start
-    batches = (16, 64) if args.quick else (16, 32, 64)
+    runs = measure(console, teacher, reqs, args, n_params)
+    print_table(console, runs, f"{MODEL} fp32, {len(reqs)} prompts, temperature 1, max_tokens {args.max_tokens}, "
+                               f"{torch.get_num_threads()} torch threads; ceiling = matmul FLOP/s / 2N, "
+                               "measured before each row")  # fmt: skip
+    report = {"settings": vars(args) | {"model": MODEL, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                                        "python": sys.version.split()[0], "torch": torch.__version__},
+              "matmul_gflops": gflops, "params": n_params, "ceiling_tokens_per_s": ceiling, "runs": runs}  # fmt: skip
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    console.print(f"wrote {args.out}")
+
+
+def measure(console, teacher, reqs, args, n_params: int) -> list[dict]:
+    """Every row of the table, one after another in this process; closes `teacher`."""
+    from bayeskd.config import ServeConfig, TeacherConfig
+    from bayeskd.teachers.local import LocalTeacher
+
+    serve_rows, collect_rows = ServeConfig().max_batch, TeacherConfig().batch_size
     plan = []  # (name, rows in flight, function of a LocalTeacher with that batch_size or None)
-    for b in batches:
+    for b in (16, 64, 128) if args.quick else (16, 32, 64, 128):
         plan.append((f"decoder B={b}", b, lambda t: run_decoder(t, reqs)))
-        plan.append((f"hf-generate B={b}", b, lambda t, b=b: run_hf_generate(t, reqs, b)))
+        if b <= 64:
+            plan.append((f"hf-generate B={b}", b, lambda t, b=b: run_hf_generate(t, reqs[:64], b)))
     for c in (32,) if args.quick else (32, 64):
-        plan.append((f"serve C={c}", 64, lambda t, c=c: run_serve(t, reqs, c)))
-    plan.append(("collect", 64, None))
+        plan.append((f"serve C={c}", serve_rows, lambda t, c=c: run_serve(t, reqs, c)))
+    plan.append(("collect", collect_rows, None))
     runs = []
     for name, b, fn in plan:
+        rate = matmul_gflops(1.0)
         if fn is None:
             r = timed(lambda: run_collect_stage(args.prompts, args.max_tokens, b))
         else:
@@ -183,26 +204,26 @@ def main() -> None:
                 teacher.close()
                 teacher = LocalTeacher(MODEL, batch_size=b)
             r = timed(lambda: fn(teacher))
-        r |= {"name": name, "batch": b}
+        r |= {"name": name, "batch": b, "matmul_gflops": rate, "ceiling": rate * 1e9 / (2 * n_params)}
         runs.append(r)
         console.print(f"  {name}: {r['tokens_per_s']:.0f} tokens/s ({r['completion_tokens']} in {r['s']:.1f}s, "
                       f"load {r['loadavg'][0]:.1f}->{r['loadavg'][1]:.1f})")
     teacher.close()
-    table = Table(title=f"{MODEL} fp32, {len(reqs)} prompts, temperature 1, max_tokens {args.max_tokens}, "
-                        f"{torch.get_num_threads()} torch threads; ceiling {ceiling:.0f} tokens/s ({gflops:.0f} GFLOP/s)")
-    for col in ("path", "rows/batch", "completion tokens", "prompt tokens", "seconds", "tokens/s", "of ceiling", "load"):
+    return runs
+
+
+def print_table(console, runs: list[dict], title: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("path", "rows/batch", "completion tokens", "prompt tokens", "seconds", "tokens/s", "ceiling", "of ceiling",
+                "load"):
         table.add_column(col, justify="left" if col == "path" else "right")
     for r in runs:
         table.add_row(r["name"], str(r["batch"]), str(r["completion_tokens"]), str(r["prompt_tokens"]), f"{r['s']:.1f}",
-                      f"{r['tokens_per_s']:.0f}", f"{r['tokens_per_s'] / ceiling:.0%}",
+                      f"{r['tokens_per_s']:.0f}", f"{r['ceiling']:.0f}", f"{r['tokens_per_s'] / r['ceiling']:.0%}",
                       f"{r['loadavg'][0]:.1f}/{r['loadavg'][1]:.1f}")  # fmt: skip
     console.print(table)
-    report = {"settings": vars(args) | {"model": MODEL, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-                                        "python": sys.version.split()[0], "torch": torch.__version__},
-              "matmul_gflops": gflops, "params": n_params, "ceiling_tokens_per_s": ceiling, "runs": runs}  # fmt: skip
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
-    console.print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -73,11 +73,12 @@ class TeacherConfig:
     """local: torch device."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """local: weights' dtype."""
-    batch_size: int = 64
+    batch_size: int = 128
     """local: rows (one per sample) decoded together by continuous batching; finished rows are
-    refilled from waiting requests. Larger batches use the CPU's matrix units better (on 2 cores,
-    bench/generate.py measured 64 well ahead of 16 and 32), at the price of a KV cache of
-    batch_size x (longest prompt + max_tokens) positions."""
+    refilled from waiting requests. Larger batches use the CPU's matrix units better (on 2 cores
+    with SmolLM2-135M, bench/generate.py measured tokens/s rising from 16 to 128 rows), at the
+    price of a KV cache of batch_size x (longest prompt + max_tokens) positions: 1.5 GB for this
+    model at max_tokens 128; lower it for a larger teacher."""
 
     def validate(self, path: str) -> None:
         _check(self.max_concurrency >= 1, f"{path}.max_concurrency", self.max_concurrency, "must be >= 1")
@@ -495,7 +496,8 @@ class ServeConfig:
     max_n: int = 16
     max_batch: int = 64
     """Rows (one per sample) the served model decodes together (its `teacher.batch_size`);
-    requests beyond them wait in the queue."""
+    requests beyond them wait in the queue. Below teacher.batch_size because a served request
+    may ask for up to max_tokens_limit tokens, and the KV cache holds rows x (prompt + max_tokens)."""
     batch_wait_ms: float = 10.0
     """How long the batcher gathers requests that arrive together, so that their prompts are prefilled in one forward."""
     max_queue: int = 256
