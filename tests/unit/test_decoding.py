@@ -168,6 +168,15 @@ def test_stream_refills_slots_and_pulls_lazily(teacher):
     assert sorted(seen) == list(range(len(requests)))
 
 
+def test_an_idle_decoder_lets_go_of_a_wide_cache(lm):
+    tok, model = lm
+    decoder = make_decoder(tok, model, slots=2)
+    run(decoder, [Row(key=0, prompt=prompts(tok)[0], temperature=0, max_tokens=600)])
+    assert decoder.cache.capacity == 0
+    run(decoder, [Row(key=1, prompt=prompts(tok)[1], temperature=0, max_tokens=20)])
+    assert 0 < decoder.cache.capacity <= 512  # a narrow cache is kept for the next rows
+
+
 def test_too_long_request_is_refused_alone(teacher):
     ok = TeacherRequest.chat([{"role": "user", "content": "Hi"}], max_tokens=2)
     too_long = TeacherRequest.chat([{"role": "user", "content": "Hi"}], max_tokens=teacher.context_length)

@@ -35,6 +35,8 @@ CHUNK_ROWS = 256
 """Rows sampled at once: bounds the [rows, vocabulary] temporaries (a 3000-sample probe has 3000 rows)."""
 MIN_SHARED = 8
 """Shortest common prompt head worth keeping (see `Decoder._shared_prefix`)."""
+IDLE_COLUMNS = 512
+"""An idle decoder drops a cache wider than this: one long request must not hold its memory for good."""
 PREFILL_TOKENS = 8192
 """Prompt tokens (after padding) per prefill forward: bounds its activations."""
 
@@ -231,6 +233,8 @@ class Decoder:
         done = self._admit() if self.pending else []
         if self.live:
             done += self._decode()
+        if not self.live and self.cache.capacity > IDLE_COLUMNS:
+            self.cache = SlotCache(self.model.config.num_hidden_layers, self.slots)
         return done
 
     # ------------------------------------------------------------------ admission
