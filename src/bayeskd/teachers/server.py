@@ -3,8 +3,8 @@
 It lets anyone treat a local model as a closed API (the method then sees only what a real
 API shows), and it is what the integration tests talk to over real HTTP. Endpoints:
 `/v1/chat/completions`, `/v1/completions`, `/v1/models`. Concurrent requests are gathered
-into batches by one background task; when too many wait, new ones are shed with 429 and
-`Retry-After`, as real APIs do.
+into the local teacher's continuous batch as it has room; when too many wait, new ones are
+shed with 429 and `Retry-After`, as real APIs do.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -70,11 +71,17 @@ class _Job:
 
 
 class Batcher:
-    """Gathers requests from many connections into batches for one model."""
+    """Feeds requests from many connections to the teacher's continuous batch, as it has room.
+
+    Requests wait in the queue (where `max_queue` sheds load) until fewer than the teacher's
+    `batch_size` rows are in flight; those that arrive within `batch_wait_ms` of each other are
+    handed over together, so that their prompts are prefilled in one forward.
+    """
 
     def __init__(self, teacher: LocalTeacher, cfg: ServeConfig):
         self.teacher, self.cfg = teacher, cfg
         self.queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self.room = asyncio.Event()
         self.task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -99,19 +106,27 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             jobs = [await self.queue.get()]
+            while not self.teacher.has_room():
+                self.room.clear()
+                await self.room.wait()
+            rows = jobs[0].request.n
             deadline = loop.time() + self.cfg.batch_wait_ms / 1000
-            while len(jobs) < self.cfg.max_batch and (left := deadline - loop.time()) > 0:
+            while self.teacher.has_room() and rows < self.teacher.batch_size and (left := deadline - loop.time()) > 0:
                 try:
                     jobs.append(await asyncio.wait_for(self.queue.get(), left))
                 except asyncio.TimeoutError:
                     break
-            try:
-                results = await asyncio.to_thread(self.teacher.generate_batch, [j.request for j in jobs])
-            except Exception as e:  # a crash in one batch must not take the server down
-                results = [TeacherError(f"generation failed: {e}")] * len(jobs)
-            for job, result in zip(jobs, results):
-                if not job.future.done():
-                    job.future.set_result(result)
+                rows += jobs[-1].request.n
+            for job in jobs:
+                try:
+                    self.teacher.submit(job.request, partial(loop.call_soon_threadsafe, self._resolve, job))
+                except Exception as e:  # a failure in one request must not take the server down
+                    self._resolve(job, TeacherError(f"generation failed: {e}"))
+
+    def _resolve(self, job: _Job, result: TeacherResponse | TeacherError) -> None:
+        if not job.future.done():
+            job.future.set_result(result)
+        self.room.set()
 
 
 def create_app(teacher: LocalTeacher, cfg: ServeConfig, served_name: str | None = None) -> FastAPI:
