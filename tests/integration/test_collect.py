@@ -131,6 +131,20 @@ def test_budget_stops_cleanly_and_keeps_what_was_collected(tiny_teacher_dir, tmp
     assert len(store_keys(tmp_path)) == len(set(store_keys(tmp_path))) == 40
 
 
+def test_more_samples_later_are_new_samples_not_repeats(tiny_teacher_dir, tmp_path):
+    """Raising collect.n asks only for the new samples; a per-sample-seeded teacher must not hand
+    back the first ones again (the request's seed moves with its first sample index)."""
+    base = [f"run_dir={tmp_path}", f"teacher.model={tiny_teacher_dir}", "collect.limit=12", "collect.max_tokens=12"]
+    assert main(["collect", *base, "collect.n=1"]) == 0
+    assert main(["collect", *base, "collect.n=2", "--force"]) == 0
+    rows = corpus(tmp_path)
+    by_prompt = {}
+    for r in rows:
+        by_prompt.setdefault(r["prompt_id"], {})[r["sample_index"]] = r["text"]
+    assert len(rows) == 24 and all(len(s) == 2 for s in by_prompt.values())
+    assert sum(s[0] != s[1] for s in by_prompt.values()) >= 10  # temperature 1: two draws rarely agree
+
+
 def test_collect_killed_midway_resumes_with_one_record_per_request(tiny_teacher_dir, tmp_path):
     args = [sys.executable, "-m", "bayeskd.cli", "collect", f"run_dir={tmp_path}", f"teacher.model={tiny_teacher_dir}",
             "teacher.batch_size=2", "collect.limit=60", "collect.n=2", "collect.max_tokens=24", "collect.flush_every=1"]

@@ -31,8 +31,11 @@ CORPUS = "corpus.jsonl"
 # ---------------------------------------------------------------- the plan
 
 
-def request_for(prompt: dict, cfg: CollectConfig, n: int) -> TeacherRequest:
-    seed = None if cfg.seed is None else (cfg.seed + int(content_key(prompt["messages"]), 16)) % 2**31
+def request_for(prompt: dict, cfg: CollectConfig, n: int, first: int = 0) -> TeacherRequest:
+    """The request for samples first .. first + n - 1 of a prompt. A teacher that seeds per sample
+    (the local one; vLLM) would repeat samples 0 .. n - 1 for a request that asks again for later
+    ones with the same seed, so the seed moves with `first`."""
+    seed = None if cfg.seed is None else (cfg.seed + int(content_key(prompt["messages"]), 16) + first) % 2**31
     return TeacherRequest.chat(
         prompt["messages"],
         temperature=cfg.temperature,
@@ -79,8 +82,9 @@ def run_collect(cfg: Config, run: Run, force: bool = False) -> dict | None:
     total = len(prompts) * c.n
     budget = Budget(ledger, c.budget_tokens, c.budget_cost)
     paid = CachedTeacher(build_teacher(cfg.teacher), store, budget, teacher_name) if todo else None
-    jobs = [((i, missing), Ask(request_for(prompts[i], c, len(missing)), tuple(keys[i][s] for s in missing),
-                               {"prompt_id": prompts[i]["id"]})) for i, missing in todo]  # fmt: skip
+    jobs = [((i, missing), Ask(request_for(prompts[i], c, len(missing), first=missing[0]),
+                               tuple(keys[i][s] for s in missing), {"prompt_id": prompts[i]["id"]}))
+            for i, missing in todo]  # fmt: skip
     bar = tqdm(total=total, initial=total - sum(len(m) for _, m in todo), desc="collect", unit="resp", dynamic_ncols=True)
     cut_short = 0
 
