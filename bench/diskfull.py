@@ -98,9 +98,16 @@ def checkpoint_full_on(nth: int) -> Iterator[None]:
 
 
 @contextmanager
-def manifest_full() -> Iterator[None]:
-    """write_json_atomic's fsync (the manifest at the end of a stage): the disk is full as it is written."""
-    from bayeskd import artifacts
+def fsync_full_after(calls: int) -> Iterator[None]:
+    """os.fsync (write_json_atomic, the corpus, store batches): the disk is full after `calls` fsyncs
+    succeed; e.g. a stage's manifest at its end."""
+    fsync, left = os.fsync, [calls]
 
-    with _patched(artifacts.os, "fsync", enospc):
+    def full(fd):
+        if left[0] == 0:
+            enospc()
+        left[0] -= 1
+        return fsync(fd)
+
+    with _patched(os, "fsync", full):
         yield

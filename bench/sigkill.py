@@ -31,14 +31,16 @@ def sigkill_loop(
     window: float = 0.4,
     startup_every: int = 5,
     timeout: float = 30.0,
+    on_kill: Callable[[bool], None] | None = None,
 ) -> int:
     """Start `args` `kills_wanted` times and SIGKILL it at a random moment each time.
 
     `progress()` is any signal that changes when the command gets going (the server's call
     count for `collect`, `folder_state` of a stage folder for the others). One kill in
     `startup_every` (0: none) lands in start-up (imports, loading inputs); the others a random
-    moment within `window` seconds after `progress()` first changes. Returns how many runs were
-    really killed (a run may finish first).
+    moment within `window` seconds after `progress()` first changes; `on_kill(began)` runs after
+    each kill (`began`: progress had changed, the command was past start-up). Returns how many
+    runs were really killed (a run may finish first).
     """
     kills = 0
     for attempt in range(kills_wanted):
@@ -46,13 +48,20 @@ def sigkill_loop(
         proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         startup = bool(startup_every) and attempt % startup_every == 0
         deadline = time.time() + (rng.uniform(0.0, 2.5) if startup else timeout)
-        while progress() == seen and proc.poll() is None and time.time() < deadline:
+        began = False
+        while proc.poll() is None and time.time() < deadline:
+            if progress() != seen:
+                began = True
+                break
             time.sleep(0.01)
         if not startup:
             time.sleep(rng.uniform(0.0, window))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
+            proc.wait()
+            if on_kill is not None:
+                on_kill(began)
         proc.wait()
     return kills
 
