@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from bayeskd.errors import BayeskdError
+from bayeskd.lock import is_main_rank
 
 MANIFEST = "manifest.json"
 _PACKAGES = ("bayeskd", "torch", "transformers", "accelerate", "datasets", "peft", "openai", "numpy")
@@ -243,9 +244,13 @@ class Run:
                 f"{changed}; rerun with --force to rebuild it"
             )
         resumable = old is not None and old.get("status") != "done" and old.get("fingerprint") == fp
+        d = self.root / stage
+        if not is_main_rank():  # other ranks of a distributed launch: rank 0 alone clears and records
+            d.mkdir(parents=True, exist_ok=True)
+            return d
         if old is not None and not resumable and not keep_outputs:
-            _discard(self.root / stage)
-        _remove(_trash(self.root / stage))  # left by a kill during an earlier discard
+            _discard(d)
+        _remove(_trash(d))  # left by a kill during an earlier discard
         d = self.stage_dir(stage)
         manifest = {
             "stage": stage,
@@ -261,6 +266,8 @@ class Run:
 
     def finish(self, stage: str, status: str, summary: dict, outputs: dict[str, str] | None = None) -> None:
         """Record the end of a stage: `done`, or `partial` (it stopped early; a rerun continues)."""
+        if not is_main_rank():
+            return
         path = self.root / stage / MANIFEST
         manifest = json.loads(path.read_text())
         files = stage_files(self.root / stage)

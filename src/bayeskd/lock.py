@@ -47,6 +47,11 @@ def _rank() -> int:
         return 0
 
 
+def is_main_rank() -> bool:
+    """Rank 0 of a distributed launch (`RANK`, as torchrun and accelerate set it), or no launch at all."""
+    return _rank() == 0
+
+
 def holder_info() -> dict:
     try:
         command = Path("/proc/self/cmdline").read_bytes().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")

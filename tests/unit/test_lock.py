@@ -28,3 +28,16 @@ def test_other_ranks_wait_for_their_own_launch(tmp_path, monkeypatch):
         monkeypatch.setenv("MASTER_PORT", "29501")  # a rank of another launch
         with pytest.raises(RunLockedError, match="rank 1: rank 0 of this launch did not take the lock"):
             RunLock(tmp_path, rank_wait_s=0.2).acquire()
+
+
+def test_other_ranks_neither_clear_nor_record_a_stage(tmp_path, monkeypatch):
+    from bayeskd.artifacts import Run
+
+    monkeypatch.setenv("RANK", "1")
+    run = Run(tmp_path)
+    out = run.begin("proxy", {"lr": 1}, {})
+    (out / "weights").write_text("rank 1 trains too")
+    run.finish("proxy", "done", {})
+    assert run.manifest("proxy") is None  # rank 0 writes the manifest; ranks racing on it could lose it
+    monkeypatch.setenv("RANK", "0")
+    assert run.begin("proxy", {"lr": 1}, {}) == out and run.manifest("proxy")["status"] == "running"
