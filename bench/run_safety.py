@@ -88,14 +88,19 @@ def stage_kills(model: Path, work: Path, clean: Path, took: dict, kills_wanted: 
         def landed(began: bool, stage=stage) -> None:
             mid[0] += began and status(run_dir, stage) != "done"  # in the stage, not in start-up or after it
 
+        def undo_done(stage=stage) -> None:  # a stage that finished (a kill came late) starts again
+            if status(run_dir, stage) == "done":
+                shutil.rmtree(run_dir / stage)
+
         t0 = time.time()
-        # A random moment within the stage's own duration once it has begun (its folder changes).
+        # A random moment within about the stage's own duration once it has begun (its folder changes).
         kills = sigkill_loop(cmd, env, lambda s=stage: folder_state(run_dir / s), kills_wanted, rng,
-                             window=max(0.2, 0.9 * took[stage]), timeout=120, on_kill=landed)  # fmt: skip
+                             window=max(0.2, 0.6 * took[stage]), timeout=120, on_kill=landed,
+                             before_each=undo_done)  # fmt: skip
         final = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=600)
         diff = compare_stage(clean, run_dir, stage)
         rows.append({"group": "kills", "scenario": f"{stage}: SIGKILL x {kills}", "kills": kills, "mid_stage": mid[0],
-                     "tried": f"{mid[0]} of {kills} mid-stage", "final_exit": final.returncode,
+                     "tried": f"{mid[0]} of {kills} in the stage", "final_exit": final.returncode,
                      "result": _verdict(diff) if final.returncode == 0 else f"rerun exit {final.returncode}: {final.stderr[-300:]}",
                      "ok": final.returncode == 0 and diff["identical"], "diff": diff,
                      "seconds": round(time.time() - t0, 1)})  # fmt: skip

@@ -32,6 +32,7 @@ def sigkill_loop(
     startup_every: int = 5,
     timeout: float = 30.0,
     on_kill: Callable[[bool], None] | None = None,
+    before_each: Callable[[], None] | None = None,
 ) -> int:
     """Start `args` `kills_wanted` times and SIGKILL it at a random moment each time.
 
@@ -39,11 +40,13 @@ def sigkill_loop(
     count for `collect`, `folder_state` of a stage folder for the others). One kill in
     `startup_every` (0: none) lands in start-up (imports, loading inputs); the others a random
     moment within `window` seconds after `progress()` first changes; `on_kill(began)` runs after
-    each kill (`began`: progress had changed, the command was past start-up). Returns how many
-    runs were really killed (a run may finish first).
+    each kill (`began`: progress had changed, the command was past start-up), `before_each()`
+    before each start. Returns how many runs were really killed (a run may finish first).
     """
     kills = 0
     for attempt in range(kills_wanted):
+        if before_each is not None:
+            before_each()
         seen = progress()
         proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         startup = bool(startup_every) and attempt % startup_every == 0
