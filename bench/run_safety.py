@@ -92,11 +92,14 @@ def stage_kills(model: Path, work: Path, clean: Path, took: dict, kills_wanted: 
             if status(run_dir, stage) == "done":
                 shutil.rmtree(run_dir / stage)
 
+        def delay(r: random.Random, span=took[stage]) -> float:
+            # Log-uniform from 1 ms to the stage's duration once it has begun (its folder changes):
+            # stages that take milliseconds past their start get kills there too.
+            return span * 10 ** r.uniform(-3, 0)
+
         t0 = time.time()
-        # A random moment within about the stage's own duration once it has begun (its folder changes).
-        kills = sigkill_loop(cmd, env, lambda s=stage: folder_state(run_dir / s), kills_wanted, rng,
-                             window=max(0.2, 0.6 * took[stage]), timeout=120, on_kill=landed,
-                             before_each=undo_done)  # fmt: skip
+        kills = sigkill_loop(cmd, env, lambda s=stage: folder_state(run_dir / s), kills_wanted, rng, timeout=120,
+                             on_kill=landed, before_each=undo_done, delay=delay)  # fmt: skip
         final = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=600)
         diff = compare_stage(clean, run_dir, stage)
         rows.append({"group": "kills", "scenario": f"{stage}: SIGKILL x {kills}", "kills": kills, "mid_stage": mid[0],

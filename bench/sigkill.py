@@ -33,15 +33,17 @@ def sigkill_loop(
     timeout: float = 30.0,
     on_kill: Callable[[bool], None] | None = None,
     before_each: Callable[[], None] | None = None,
+    delay: Callable[[random.Random], float] | None = None,
 ) -> int:
     """Start `args` `kills_wanted` times and SIGKILL it at a random moment each time.
 
     `progress()` is any signal that changes when the command gets going (the server's call
     count for `collect`, `folder_state` of a stage folder for the others). One kill in
     `startup_every` (0: none) lands in start-up (imports, loading inputs); the others a random
-    moment within `window` seconds after `progress()` first changes; `on_kill(began)` runs after
-    each kill (`began`: progress had changed, the command was past start-up), `before_each()`
-    before each start. Returns how many runs were really killed (a run may finish first).
+    moment within `window` seconds after `progress()` first changes (or `delay(rng)` seconds
+    after, where given). `before_each()` runs before each start, `on_kill(began)` after each
+    kill (`began`: progress had changed, the command was past start-up). Returns how many runs
+    were really killed (a run may finish first).
     """
     kills = 0
     for attempt in range(kills_wanted):
@@ -58,7 +60,7 @@ def sigkill_loop(
                 break
             time.sleep(0.01)
         if not startup:
-            time.sleep(rng.uniform(0.0, window))
+            time.sleep(delay(rng) if delay is not None else rng.uniform(0.0, window))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
