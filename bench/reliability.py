@@ -1,6 +1,7 @@
-"""Reliability of the teacher path: what was tried against `collect` and `serve`, and what survived.
+"""Reliability of the teacher path and of the run folder: what was tried, and what survived.
 
-    python bench/reliability.py [--rate 0.08] [--prompts 160] [--kills 12] [--clients 64] [--out bench/out/reliability.json]
+    python bench/reliability.py [--rate 0.08] [--prompts 160] [--kills 12] [--clients 64] [--stage-kills 5]
+                                [--only faults,sigkill,load,stages,lock,disk,corrupt] [--out bench/out/reliability.json]
 
 On a tiny model (`bayeskd.models.build_tiny`) behind a loopback `bayeskd serve`:
 
@@ -13,7 +14,17 @@ On a tiny model (`bayeskd.models.build_tiny`) behind a loopback `bayeskd serve`:
 - load: `--clients` concurrent clients x 4 requests against a `bayeskd serve` subprocess, with
   the default `serve.max_queue` and with 16 (load shedding); RSS of the server before and after.
 
-Prints a table and writes JSON. Loopback only; every count and wait is bounded.
+And on the run folder (`bench/run_safety.py`), against one unkilled pipeline on tiny models:
+
+- stages: every stage (`python -m bayeskd.cli <stage>`) SIGKILLed `--stage-kills` times at random
+  moments (one in five in start-up, the others within the stage's own duration once its folder
+  changes), then run to the end; its folder is compared with the unkilled run's;
+- lock: `--contenders` commands on one folder at once (one runs, the others exit 2 naming it),
+  and a command SIGKILLed holding the lock (the next one takes it over);
+- disk: ENOSPC injected in the store, a target shard, a checkpoint and a manifest;
+- corrupt: a byte flipped or a file cut short in each stage's output, then the next stage.
+
+Prints tables and writes JSON. Loopback only; every count and wait is bounded.
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ from bayeskd.artifacts import Run  # noqa: E402
 from bayeskd.config import FAULT_KINDS, FaultConfig, ServeConfig, TeacherConfig, load_config  # noqa: E402
 from bayeskd.stages.collect import run_collect  # noqa: E402
 from bayeskd.teachers.base import TeacherError, TeacherRequest  # noqa: E402
+import run_safety  # noqa: E402  (bench/run_safety.py, beside this script)
 from sigkill import sigkill_loop  # noqa: E402  (bench/sigkill.py, beside this script)
 from bayeskd.teachers.local import LocalTeacher  # noqa: E402
 from bayeskd.teachers.openai_compat import OpenAITeacher  # noqa: E402
@@ -219,6 +231,17 @@ def verdict(s: dict) -> bool:
 
 def print_tables(scenarios: list[dict]) -> None:
     console = Console(width=max(Console().width, 120))
+    folder = [s for s in scenarios if "group" in s]
+    scenarios = [s for s in scenarios if "group" not in s]
+    if folder:
+        t = Table(title="bench/reliability.py: the run folder under kills, a second command, a full disk, corruption")
+        for col in ("group", "scenario", "tried", "result", "ok"):
+            t.add_column(col, justify="left", overflow="fold")
+        for s in folder:
+            t.add_row(s["group"], s["scenario"], s["tried"], s["result"], "yes" if s["ok"] else "NO")
+        console.print(t)
+    if not scenarios:
+        return
     t = Table(title="bench/reliability.py: what was tried, what survived")
     for col in ("scenario", "sent", "faults", "retries", "perm. failures", "records", "lost", "dup", "torn",
                 "excess paid (bound)", "ok"):
@@ -253,6 +276,25 @@ def print_tables(scenarios: list[dict]) -> None:
         console.print(k)
 
 
+GROUPS = ("faults", "sigkill", "load", "stages", "lock", "disk", "corrupt")
+
+
+def run_folder_scenarios(model: Path, work: Path, args: argparse.Namespace, only: set[str]) -> list[dict]:
+    steps = args.train_steps
+    clean, took = run_safety.clean_run(model, work, steps)
+    print("unkilled run, seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in took.items()), flush=True)
+    rows = []
+    if "stages" in only:
+        rows += run_safety.stage_kills(model, work, clean, took, args.stage_kills, steps, ENV, random.Random(17))
+    if "lock" in only:
+        rows += run_safety.lock_contention(model, work, clean, args.contenders, steps, ENV)
+    if "disk" in only:
+        rows += run_safety.disk_full(model, work, clean, steps)
+    if "corrupt" in only:
+        rows += run_safety.corruption(model, work, clean, steps)
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rate", type=float, default=0.08, help="share of requests per fault kind (8 kinds)")
@@ -260,8 +302,15 @@ def main() -> int:
     p.add_argument("--kills", type=int, default=12, help="SIGKILLs per sigkill scenario")
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--per-client", type=int, default=4)
+    p.add_argument("--stage-kills", type=int, default=5, help="SIGKILLs per pipeline stage (stages scenario)")
+    p.add_argument("--train-steps", type=int, default=40, help="optimizer steps of proxy and each student")
+    p.add_argument("--contenders", type=int, default=4, help="commands started at once on one run folder")
+    p.add_argument("--only", default=",".join(GROUPS), help=f"comma-separated scenario groups of {','.join(GROUPS)}")
     p.add_argument("--out", default="bench/out/reliability.json")
     args = p.parse_args()
+    only = set(args.only.split(","))
+    if only - set(GROUPS):
+        p.error(f"--only: unknown group(s) {sorted(only - set(GROUPS))}")
     logging.getLogger("uvicorn.error").setLevel(logging.CRITICAL)  # dropped connections log one error each
 
     import torch
@@ -274,15 +323,19 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bayeskd-reliability-") as tmp:
         work = Path(tmp)
         model = build_tiny(work / "tiny", [r["prompt"] for r in load_builtin_prompts()], vocab_size=320, seed=0)
-        scenarios = [
-            faults_scenario(model, work, args.rate, args.prompts),
-            sigkill_scenario(model, work, args.kills, args.prompts, flush_every=1),
-            sigkill_scenario(model, work, args.kills, args.prompts, flush_every=None),
-            load_scenario(model, work, args.clients, args.per_client, max_queue=None),
-            load_scenario(model, work, args.clients, args.per_client, max_queue=16),
-        ]
-    for s in scenarios:
-        s["ok"] = verdict(s)
+        scenarios = []
+        if "faults" in only:
+            scenarios.append(faults_scenario(model, work, args.rate, args.prompts))
+        if "sigkill" in only:
+            scenarios += [sigkill_scenario(model, work, args.kills, args.prompts, flush_every=1),
+                          sigkill_scenario(model, work, args.kills, args.prompts, flush_every=None)]
+        if "load" in only:
+            scenarios += [load_scenario(model, work, args.clients, args.per_client, max_queue=None),
+                          load_scenario(model, work, args.clients, args.per_client, max_queue=16)]
+        for s in scenarios:
+            s["ok"] = verdict(s)
+        if only & {"stages", "lock", "disk", "corrupt"}:
+            scenarios += run_folder_scenarios(model, work, args, only)
     print_tables(scenarios)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

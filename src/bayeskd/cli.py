@@ -25,11 +25,14 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("overrides", nargs="*", help="dotted key=value overrides")
         return sp
 
+    verify = "checksum (sha256) every input read from an earlier stage, and every file of a skipped stage"
     for name in STAGES:
-        add(name, f"run the {name} stage").add_argument("--force", action="store_true", help="rebuild even if done or stale")
-    add("run", "run all stages in order, skipping finished ones").add_argument(
-        "--force", action="store_true", help="rebuild every stage"
-    )
+        sp = add(name, f"run the {name} stage")
+        sp.add_argument("--force", action="store_true", help="rebuild even if done or stale")
+        sp.add_argument("--verify", action="store_true", help=verify)
+    sp = add("run", "run all stages in order, skipping finished ones")
+    sp.add_argument("--force", action="store_true", help="rebuild every stage")
+    sp.add_argument("--verify", action="store_true", help=verify)
     add("serve", "serve teacher.model (a local model) as an OpenAI-compatible API on serve.host:serve.port")
     add("config", "print the resolved config")
     return p
@@ -62,15 +65,21 @@ def _dispatch(args: argparse.Namespace) -> int:
         serve(LocalTeacher(t.model, device=t.device, dtype=t.dtype, batch_size=cfg.serve.max_batch), cfg.serve)
         return 0
 
-    from bayeskd.artifacts import Run
+    from bayeskd.artifacts import Run, writing
+    from bayeskd.lock import RunLock, describe
     from bayeskd.stages import STAGES, stage
 
-    run = Run(cfg.run_dir)
-    run.save_config(to_dict(cfg))
-    names = list(STAGES) if args.command == "run" else [args.command]
-    for name in names:
-        summary = stage(name)(cfg, run, args.force)
-        _report(name, run, summary)
+    run = Run(cfg.run_dir, verify_checksums=args.verify)
+    with RunLock(run.root) as lock:  # one command at a time on a run folder; exit 2 if another holds it
+        if lock.taken_over:
+            print(f"bayeskd: took over the lock of {run.root} from a command that died holding it: "
+                  f"{describe(lock.taken_over)}", file=sys.stderr)
+        run.save_config(to_dict(cfg))
+        names = list(STAGES) if args.command == "run" else [args.command]
+        for name in names:
+            with writing(run.root / name):  # a full disk anywhere in the stage: exit 2, naming the path
+                summary = stage(name)(cfg, run, args.force)
+            _report(name, run, summary)
     return 0
 
 

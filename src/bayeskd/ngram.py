@@ -531,8 +531,11 @@ def build(docs: Docs, order: int, vocab_size: int, out_folder: str | Path, *,
     Workers are spawned: a script calling this with num_workers > 1 needs the usual
     ``if __name__ == "__main__":`` guard."""
     out = Path(out_folder)
-    (out / "meta.json").unlink(missing_ok=True)
+    # From nothing: an interrupted build's files (a link file cut short by a kill) must not be loaded.
+    for stale in [out / "meta.json", *out.glob("order*.npy")]:
+        stale.unlink(missing_ok=True)
     shard_dir = out / "shards"
+    shutil.rmtree(shard_dir, ignore_errors=True)
     paths, pending, held, pool = [], [], None, None
 
     def submit(flat: FlatDocs, path: Path) -> None:

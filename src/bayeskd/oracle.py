@@ -50,7 +50,7 @@ def oracle_targets(cfg: Config, run: Run, corpus: TokenizedCorpus) -> TargetStor
     stage_cfg = {"teacher": oracle_model(cfg), "temperature": temperature(cfg), "k": k}
     out = run.begin("oracle", stage_cfg, {"corpus": corpus.corpus_fp, "tokenizer": corpus.tokenizer_fp})
     if out is None:
-        return TargetStore.open(run.root / "oracle" / "targets")
+        return TargetStore.open(run.output("oracle", "targets"))
     model = load_oracle(cfg, corpus.tokenizer_fp)
     writer = TargetWriter(out / "targets", ("oracle",), k)
     for rb in corpus.batches(range(len(corpus.dataset)), 8, "oracle"):

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bayeskd.artifacts import DiskFullError, is_disk_full
 from bayeskd.config import PriceConfig
 
 _SHARD = "records-{:05d}.jsonl"
@@ -105,8 +106,14 @@ class ResponseStore:
         line = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
         offset = self._file.tell()
         view = memoryview(line)
-        while view:  # one line per write call (a raw write may be partial): a kill tears at most this line
-            view = view[self._file.write(view) :]
+        try:
+            while view:  # one line per write call (a raw write may be partial): a kill tears at most this line
+                view = view[self._file.write(view) :]
+        except OSError as e:
+            self._file.truncate(offset)  # a failed write (a full disk) leaves no fragment for the next line to join
+            if is_disk_full(e):
+                raise DiskFullError(self.folder / _SHARD.format(shard)) from e
+            raise
         self.index[key] = (shard, offset)
         self._shard_count[shard] = self._shard_count.get(shard, 0) + 1
         self._unsynced += 1

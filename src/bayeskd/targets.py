@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bayeskd.artifacts import writing
 from bayeskd.distributions import SparseDist
 from bayeskd.errors import BayeskdError
 
@@ -74,18 +75,20 @@ class TargetWriter:
         if not self.records:
             return
         d = self.folder / f"shard-{self.shard:05d}"
-        d.mkdir()
-        for name, parts in self.parts.items():
-            np.save(d / f"{name}.npy", np.concatenate(parts))
-        np.save(d / "records.npy", np.asarray(self.records, dtype=np.int64))
+        with writing(d):
+            d.mkdir()
+            for name, parts in self.parts.items():
+                np.save(d / f"{name}.npy", np.concatenate(parts))
+            np.save(d / "records.npy", np.asarray(self.records, dtype=np.int64))
         self.shard += 1
         self._reset()
 
     def close(self, meta: dict) -> None:
         self._flush()
         tmp = self.folder / f".{STORE_META}.tmp"
-        tmp.write_text(json.dumps({"sets": list(self.sets), "k": self.k, **meta}, indent=2))
-        os.replace(tmp, self.folder / STORE_META)
+        with writing(self.folder / STORE_META, remove_on_error=tmp):
+            tmp.write_text(json.dumps({"sets": list(self.sets), "k": self.k, **meta}, indent=2))
+            os.replace(tmp, self.folder / STORE_META)
 
 
 @dataclass

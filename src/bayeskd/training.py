@@ -49,6 +49,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from bayeskd.artifacts import writing
 from bayeskd.config import LoraConfig, TrainConfig
 from bayeskd.losses import IGNORE_INDEX, LossOutput
 
@@ -253,15 +254,19 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 def _save_checkpoint(accelerator: Accelerator, out: Path, step: int, state: dict, keep: int) -> None:
     root = out / CHECKPOINTS
     tmp, final = root / f".tmp-step-{step:08d}", root / f"step-{step:08d}"
-    if accelerator.is_main_process:
+    main = accelerator.is_main_process
+    if main:
         for stale in root.glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / STATE_NAME).write_text(json.dumps({"step": step, **state}))
-        _replace_dir(tmp, final)
+    # A full disk fails the save: the half-written folder goes (its space with it), earlier checkpoints stay.
+    with writing(tmp, remove_on_error=tmp if main else None):
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if main:
+            (tmp / STATE_NAME).write_text(json.dumps({"step": step, **state}))
+            _replace_dir(tmp, final)
+    if main:
         done = sorted(p for p in root.glob("step-*") if (p / STATE_NAME).is_file())
         for old in done[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -294,10 +299,11 @@ def _save_final(accelerator: Accelerator, model: Any, out: Path, tokenizer: Any,
     else:
         state_dict = accelerator.get_state_dict(model)  # every process: gathers FSDP / ZeRO-3 shards
     if main:  # one writer: several processes writing the same files would race
-        unwrapped.save_pretrained(tmp, state_dict=state_dict)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        _replace_dir(tmp, final)
+        with writing(tmp, remove_on_error=tmp):
+            unwrapped.save_pretrained(tmp, state_dict=state_dict)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            _replace_dir(tmp, final)
     accelerator.wait_for_everyone()
     return unwrapped.eval(), final
 
@@ -417,5 +423,9 @@ def train(
             _save_checkpoint(accelerator, out, step, {"elapsed": log.elapsed()}, cfg.keep_checkpoints)
             log.restart_window()
     log.close()
+    if not last and start >= cfg.max_steps and (out / LOG_NAME).is_file():
+        # Killed after the last checkpoint: no step ran now, so the summary takes the logged last step.
+        lines = (out / LOG_NAME).read_text().splitlines()
+        last = json.loads(lines[-1]) if lines else {}
     trained, final = _save_final(accelerator, model, out, tokenizer, cfg.lora.enabled)
     return TrainResult(trained, final, max(start, cfg.max_steps), start or None, last)

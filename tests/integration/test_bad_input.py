@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bayeskd.artifacts import Run
 from bayeskd.cli import main
 from bayeskd.distributions import SparseDist
 from bayeskd.errors import BayeskdError
@@ -60,6 +61,9 @@ def test_empty_corpus(tiny_teacher_dir, tmp_path, capsys):
     args = base(tmp_path, tiny_teacher_dir)
     assert main(["collect", *args]) == 0
     (tmp_path / "collect" / "corpus.jsonl").write_text("")
+    assert main(["prior", *args]) == 2  # emptied after collect finished: a damaged file
+    assert "is not the file stage 'collect' wrote" in capsys.readouterr().err
+    Run(tmp_path).finish("collect", "partial", {})  # as a collect that found nothing records it
     assert main(["prior", *args]) == 2
     assert "is empty" in capsys.readouterr().err
     assert status(tmp_path, "prior") is None

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from bayeskd.artifacts import Run, fingerprint_file, write_json_atomic
+from bayeskd.artifacts import Run, fingerprint_file, write_json_atomic, write_jsonl_atomic
 from bayeskd.config import CollectConfig, Config
 from bayeskd.errors import BayeskdError
 from bayeskd.prompts import load_prompts
@@ -154,8 +154,4 @@ def _write_corpus(path: Path, store: ResponseStore, prompts: list[dict], keys: l
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    write_jsonl_atomic(path, rows)  # fsynced, renamed into place; a full disk names the path

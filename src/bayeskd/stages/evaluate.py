@@ -221,7 +221,7 @@ def run_eval(cfg: Config, run: Run, force: bool = False) -> dict | None:
     if not heldout:
         raise BayeskdError("no held-out example: raise data.heldout_fraction or collect more prompts")
     teacher = _oracle(cfg, corpus)
-    students = {m: load_causal_lm(str(run.root / "distill" / m / "final")) for m in done}
+    students = {m: load_causal_lm(str(run.output(f"distill/{m}", "final"))) for m in done}  # checked against its manifest
     metrics = {"students": score_students(cfg, corpus, students, teacher, heldout), "estimates": {}}
     if "oracle-kd" in metrics["students"]:
         metrics["students"]["oracle-kd"]["note"] = "upper bound: trained on the true teacher distribution"
