@@ -10,7 +10,6 @@ for the later stages.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -103,7 +102,7 @@ def run_collect(cfg: Config, run: Run, force: bool = False) -> dict | None:
         if paid:
             paid.close()
         write_json_atomic(out / "ledger.json", ledger.to_dict())
-        _write_jsonl(out / "failures.jsonl", paid.failures if paid else [])
+        write_jsonl_atomic(out / "failures.jsonl", paid.failures if paid else [])
 
     failures = paid.failures if paid else []
     refused = [f for f in failures if f["status"] == 400]
@@ -149,9 +148,5 @@ def _body(prompt: dict, sample_index: int, choice: Choice) -> dict:
 
 def _write_corpus(path: Path, store: ResponseStore, prompts: list[dict], keys: list[list[str]]) -> int:
     rows = [store.get(k) for ks in keys for k in ks if k in store]
-    _write_jsonl(path, rows)
-    return len(rows)
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
     write_jsonl_atomic(path, rows)  # fsynced, renamed into place; a full disk names the path
+    return len(rows)
