@@ -147,13 +147,15 @@ def plot(record: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    names = list(dict.fromkeys(n for reg in record["regimes"] for n in reg["students"]))  # one colour and slot per student
     for ax, f, title in zip(axes, ("bpb", "kl_teacher"), ("held-out bits per byte", "KL(teacher ‖ student)")):
         for j, reg in enumerate(record["regimes"]):
-            names = list(reg["students"])
             for i, name in enumerate(names):
+                if name not in reg["students"]:
+                    continue
                 vals = reg["students"][name][f]["values"]
-                ax.scatter([j + (i - len(names) / 2) * 0.08] * len(vals), vals, s=12, label=name if j == 0 else None,
-                           color=f"C{i}")  # fmt: skip
+                ax.scatter([j + (i - len(names) / 2) * 0.08] * len(vals), vals, s=12, color=f"C{i}",
+                           label=name if all(name not in r["students"] for r in record["regimes"][:j]) else None)  # fmt: skip
         ax.set_xticks(range(len(record["regimes"])), ["no logprobs" if r["regime"] == 0 else f"top-{r['regime']}"
                                                      for r in record["regimes"]])  # fmt: skip
         ax.set(title=title + " (lower is better)")
