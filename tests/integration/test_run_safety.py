@@ -33,8 +33,8 @@ TRAINING = ("proxy", "distill")
 
 
 def pipeline_args(run_dir: Path, model: Path) -> list[str]:
-    # teacher.batch_size=1: the local teacher samples each request alone, so that a request's seed
-    # pins its answer whatever else is asked at the time (a killed probe asks in other batches).
+    # teacher.batch_size=1: one request at a time. Written when the local teacher seeded per batch
+    # (a killed probe asks in other batches); it now seeds per sample, so this is only conservative.
     train = "max_steps=6,batch_size=4,save_every=2,warmup_steps=1,lr=0.01,init_layers=null"
     args = [f"run_dir={run_dir}", f"teacher.model={model}", "teacher.batch_size=1", "collect.limit=24",
             "collect.max_tokens=8", "collect.top_logprobs=3", "data.heldout_fraction=0.2", "prior.order=3",
