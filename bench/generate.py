@@ -41,11 +41,8 @@ MODEL = "smollm2-135m-instruct"
 
 
 def builtin_prompts() -> list[str]:
-    try:
-        from bayeskd.answers import load_builtin_prompts
-    except ImportError:  # the prompt set may move; the shipped file stays
-        path = Path(__file__).resolve().parents[1] / "src" / "bayeskd" / "data" / "prompts.jsonl"
-        return [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
+    from bayeskd.prompts import load_builtin_prompts
+
     return [p["prompt"] for p in load_builtin_prompts()]
 
 
