@@ -25,12 +25,15 @@ STAGES = ("collect", "prior", "proxy", "posterior", "probe", "distill", "eval")
 TRAINING = ("proxy", "distill")
 
 
-def pipeline_args(run_dir: Path, model: Path, steps: int) -> list[str]:
-    train = f"max_steps={steps},batch_size=4,save_every=4,warmup_steps=2,lr=0.01,init_layers=null"
-    args = [f"run_dir={run_dir}", f"teacher.model={model}", "teacher.batch_size=1", "collect.limit=32",
+def pipeline_args(run_dir: Path, model: Path, steps: int, prompts: int = 32, probe_tokens: int = 1500,
+                  save_every: int = 4, warmup: int = 2) -> list[str]:  # fmt: skip
+    """The whole pipeline on a tiny model, one request at a time (the bench's sizes by default;
+    its test passes smaller ones)."""
+    train = f"max_steps={steps},batch_size=4,save_every={save_every},warmup_steps={warmup},lr=0.01,init_layers=null"
+    args = [f"run_dir={run_dir}", f"teacher.model={model}", "teacher.batch_size=1", f"collect.limit={prompts}",
             "collect.max_tokens=8", "collect.top_logprobs=3", "data.heldout_fraction=0.2", "prior.order=3",
-            "prior.top_k=8", "posterior.top_k=8", "probe.budget_tokens=1500", "probe.round_size=4", "probe.samples=4",
-            "distill.modes=[sft,bayes]"]
+            "prior.top_k=8", "posterior.top_k=8", f"probe.budget_tokens={probe_tokens}", "probe.round_size=4",
+            "probe.samples=4", "distill.modes=[sft,bayes]"]
     for section in TRAINING:
         args.append(f"{section}.train.model={model}")
         args += [f"{section}.train.{kv}" for kv in train.split(",")]

@@ -25,25 +25,17 @@ from bayeskd import artifacts
 from bayeskd.cli import main
 from bayeskd.lock import LOCK_NAME
 from diskfull import checkpoint_full_on, store_full_after, targets_full  # bench/diskfull.py
+import run_safety  # bench/run_safety.py
 from sigkill import compare_stage, digest, folder_state, sigkill_loop, status  # bench/sigkill.py
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
 STAGES = ("prior", "proxy", "posterior", "probe", "distill", "eval")
-TRAINING = ("proxy", "distill")
+TRAINING = run_safety.TRAINING
 
 
 def pipeline_args(run_dir: Path, model: Path) -> list[str]:
-    # teacher.batch_size=1: one request at a time. Written when the local teacher seeded per batch
-    # (a killed probe asks in other batches); it now seeds per sample, so this is only conservative.
-    train = "max_steps=6,batch_size=4,save_every=2,warmup_steps=1,lr=0.01,init_layers=null"
-    args = [f"run_dir={run_dir}", f"teacher.model={model}", "teacher.batch_size=1", "collect.limit=24",
-            "collect.max_tokens=8", "collect.top_logprobs=3", "data.heldout_fraction=0.2", "prior.order=3",
-            "prior.top_k=8", "posterior.top_k=8", "probe.budget_tokens=400", "probe.round_size=4", "probe.samples=4",
-            "distill.modes=[sft,bayes]"]
-    for section in TRAINING:
-        args.append(f"{section}.train.model={model}")
-        args += [f"{section}.train.{kv}" for kv in train.split(",")]
-    return args
+    """The bench's pipeline (bench/run_safety.py), smaller: 24 prompts, 6 training steps, 400 probe tokens."""
+    return run_safety.pipeline_args(run_dir, model, steps=6, prompts=24, probe_tokens=400, save_every=2, warmup=1)
 
 
 @pytest.fixture(autouse=True, scope="module")
