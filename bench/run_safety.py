@@ -27,8 +27,11 @@ TRAINING = ("proxy", "distill")
 
 def pipeline_args(run_dir: Path, model: Path, steps: int, prompts: int = 32, probe_tokens: int = 1500,
                   save_every: int = 4, warmup: int = 2) -> list[str]:  # fmt: skip
-    """The whole pipeline on a tiny model, one request at a time (the bench's sizes by default;
-    its test passes smaller ones)."""
+    """The whole pipeline on a tiny model (the bench's sizes by default; its test passes smaller ones).
+
+    teacher.batch_size=1: one request at a time. Which requests share a decoding batch depends on
+    timing, and batch-mates change the logits in their last bits, so now and then a sample would
+    differ between the unkilled run and a rerun; alone, every request decodes the same each time."""
     train = f"max_steps={steps},batch_size=4,save_every={save_every},warmup_steps={warmup},lr=0.01,init_layers=null"
     args = [f"run_dir={run_dir}", f"teacher.model={model}", "teacher.batch_size=1", f"collect.limit={prompts}",
             "collect.max_tokens=8", "collect.top_logprobs=3", "data.heldout_fraction=0.2", "prior.order=3",
