@@ -179,6 +179,10 @@ class TrainConfig:
     """Model to train: the embedded name, a folder, or a hub id (any AutoModelForCausalLM)."""
     init_layers: int | None = None
     """Keep only the first N transformer layers of `model` (a smaller model initialised from a larger one)."""
+    init: Literal["pretrained", "scratch"] = "pretrained"
+    """`pretrained`: start from `model`'s weights; `scratch`: `model`'s architecture (after
+    `init_layers`) and tokenizer with random weights drawn from `seed`, for a student or proxy
+    that owes nothing to the model it is cut from (e.g. the teacher)."""
     batch_size: int = 8
     """Examples per device per micro-step."""
     grad_accum: int = 1
@@ -201,6 +205,11 @@ class TrainConfig:
     log_every: int = 1
     seed: int = 0
     lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def identity(self) -> dict:
+        """What stage fingerprints include: every field, but `init` only when it is not the
+        default, so that runs made before it existed stay valid."""
+        return _fields_except(self, *(("init",) if self.init == "pretrained" else ()))
 
     def validate(self, path: str) -> None:
         for name in ("batch_size", "grad_accum", "max_steps", "log_every", "keep_checkpoints"):

@@ -137,11 +137,15 @@ def check_same_tokenizer(model: str, student: str, student_fp: str, role: str) -
         )
 
 
-def load_causal_lm(ref: str, dtype: str = "float32", device: str = "cpu", init_layers: int | None = None):
+def load_causal_lm(
+    ref: str, dtype: str = "float32", device: str = "cpu", init_layers: int | None = None, scratch_seed: int | None = None
+):
     """Load any AutoModelForCausalLM; a model that is not a causal LM is a clear error.
 
     `init_layers` keeps only the first N transformer layers: a smaller model initialised from
     a larger one (how the quickstart makes its proxy and student from the open stand-in).
+    `scratch_seed` keeps the architecture and throws the weights away: the model is built from
+    its config with random weights drawn from that seed (`init: scratch`).
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -156,6 +160,14 @@ def load_causal_lm(ref: str, dtype: str = "float32", device: str = "cpu", init_l
         config.num_hidden_layers = init_layers
         if getattr(config, "layer_types", None):
             config.layer_types = config.layer_types[:init_layers]
+    if scratch_seed is not None:
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(scratch_seed)
+                model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+        except ValueError as e:
+            raise ModelError(f"model {ref!r} ({config.model_type}) is not a causal language model: {e}") from e
+        return model.to(device).eval()
     try:
         if init_layers is None:
             model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=getattr(torch, dtype))

@@ -71,6 +71,7 @@ def test_overrides_are_parsed_as_yaml():
         ("serve.faults.slow_s=0", "serve.faults.slow_s=0.0: must be > 0"),
         ("serve.faults.bogus=1", "unknown key serve.faults.bogus"),
         ("data.num_proc=0", "data.num_proc=0: must be >= 1"),
+        ("distill.train.init=random", "distill.train.init='random': must be one of 'pretrained', 'scratch'"),
     ],
 )
 def test_bad_values_name_the_field(override, message):

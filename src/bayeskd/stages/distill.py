@@ -19,7 +19,6 @@ refuse targets made with another tokenizer or from another corpus.
 
 from __future__ import annotations
 
-from dataclasses import asdict
 
 import numpy as np
 
@@ -84,7 +83,7 @@ def run_distill(cfg: Config, run: Run, force: bool = False) -> dict | None:
     for mode in cfg.distill.modes:
         stage = f"distill/{mode}"
         loss, tables, weights, extra = _plan(cfg, run, mode, corpus)
-        stage_cfg = {"mode": mode, "loss": loss, "tau": cfg.distill.tau, "train": asdict(cfg.distill.train),
+        stage_cfg = {"mode": mode, "loss": loss, "tau": cfg.distill.tau, "train": cfg.distill.train.identity(),
                      "data": cfg.data.identity()}
         inputs = {"corpus": corpus.corpus_fp, "tokenizer": corpus.tokenizer_fp, **extra}
         out = run.begin(stage, stage_cfg, inputs, force)

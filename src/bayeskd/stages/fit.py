@@ -31,7 +31,8 @@ def fit(
     collate = Collator(corpus.tokenizer.pad_token_id, targets=targets or {}, weights=weights)
     if cfg.data.packing:
         train_set = pack(train_set, cfg.data.max_length, seed=train_cfg.seed)
-    model = load_causal_lm(train_cfg.model, init_layers=train_cfg.init_layers)
+    model = load_causal_lm(train_cfg.model, init_layers=train_cfg.init_layers,
+                           scratch_seed=train_cfg.seed if train_cfg.init == "scratch" else None)
     result = train(
         model,
         train_set,

@@ -6,7 +6,6 @@ tokens the student predicts. Output: `proxy/final/`, a normal Hugging Face check
 
 from __future__ import annotations
 
-from dataclasses import asdict
 
 from bayeskd.artifacts import Run
 from bayeskd.config import Config
@@ -20,7 +19,7 @@ def run_proxy(cfg: Config, run: Run, force: bool = False) -> dict | None:
     corpus = load_corpus(cfg, run)
     train_cfg = cfg.proxy.train
     check_same_tokenizer(train_cfg.model, cfg.student_model, corpus.tokenizer_fp, "proxy")
-    stage_cfg = {"train": asdict(train_cfg), "data": cfg.data.identity()}
+    stage_cfg = {"train": train_cfg.identity(), "data": cfg.data.identity()}
     out = run.begin("proxy", stage_cfg, {"corpus": corpus.corpus_fp, "tokenizer": corpus.tokenizer_fp}, force)
     if out is None:
         return None
