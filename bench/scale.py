@@ -116,8 +116,10 @@ def train_tokens_by_prompt(cfg, corpus_path: Path) -> list[int]:
     return list(out.values())
 
 
-def grow_collect(args, cfg, base: Path, pool_size: int, target: int) -> list[int]:
-    """Collect `--chunk` more prompts at a time until the training split holds `target` tokens."""
+def grow_collect(args, cfg, base: Path, pool_size: int, sizes: list[int], reached) -> list[int]:
+    """Collect `--chunk` more prompts at a time until the training split holds the largest size;
+    `reached(size)` as soon as it holds each (a frozen copy that a second process may work on)."""
+    target = sizes[-1]
     manifest = base / "collect" / "manifest.json"
     limit = json.loads(manifest.read_text())["config"]["collect"]["limit"] if manifest.exists() else 0
     limit = limit or pool_size
@@ -129,10 +131,184 @@ def grow_collect(args, cfg, base: Path, pool_size: int, target: int) -> list[int
         bayeskd("collect", "--config", args.config, *args.overrides, f"collect.limit={limit}", "--force")
         tokens = train_tokens_by_prompt(cfg, corpus)
         print(f"scale: {limit} prompts collected, {sum(tokens)} training response tokens (target {target})", flush=True)
+        for size in sizes:
+            if sum(tokens) >= size:
+                reached(size)
         if sum(tokens) >= target or limit >= pool_size:
             return tokens
         limit = min(pool_size, limit + args.chunk)
 
+
+# ---------------------------------------------------------------- 3. fidelity at each size
+
+
+def size_dir(base: Path, size: int) -> Path:
+    return base.parent / f"size-{size // 1000}k"
+
+
+def freeze(base: Path, root: Path) -> None:
+    """root/collect: the base's corpus as it is now (corpus and manifest; the store stays in the
+    base). The held-out prompts are a prefix of every later corpus's, in corpus order."""
+    import shutil
+
+    if (root / "collect" / "manifest.json").exists():
+        return
+    tmp = root / "collect.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in ("corpus.jsonl", "manifest.json"):
+        shutil.copy2(base / "collect" / name, tmp / name)
+    tmp.replace(root / "collect")
+
+
+def prompts_for(tokens: list[int], size: int) -> int:
+    """The fewest training prompts, in corpus order, whose responses hold `size` tokens."""
+    total = 0
+    for n, t in enumerate(tokens, 1):
+        total += t
+        if total >= size:
+            return n
+    raise ValueError(f"the corpus holds {total} training tokens < {size}")
+
+
+def size_overrides(args, cfg, root: Path, n_prompts: int) -> list[str]:
+    steps = max(args.min_proxy_steps, -(-n_prompts // cfg.proxy.train.batch_size))  # one pass over the corpus
+    return [*args.overrides, f"run_dir={root}", f"data.train_prompts={n_prompts}", f"proxy.train.max_steps={steps}"]
+
+
+def fidelity_at(args, size: int, root: Path, overrides: list[str]) -> dict:
+    """Prior and proxy at one size, then every estimate's held-out fidelity in the two logprob
+    regimes (the estimates without logprobs are the same in both)."""
+    from bayeskd.artifacts import Run
+    from bayeskd.config import load_config
+    from bayeskd.corpus import load_corpus
+    from bayeskd.oracle import load_oracle
+    from bayeskd.stages.evaluate import score_estimates
+
+    path = root / "fidelity.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    for stage in ("prior", "proxy"):
+        bayeskd(stage, "--config", args.config, *overrides)
+    cfg = load_config(args.config, overrides)
+    run = Run(root)
+    corpus = load_corpus(cfg, run)
+    teacher = load_oracle(cfg, corpus.tokenizer_fp)
+    record = {
+        "size": size,
+        "train_prompts": cfg.data.train_prompts,
+        "train_tokens": int(sum(corpus.dataset["n_response"][i] for i in corpus.indices("train"))),
+        "proxy": json.loads((root / "proxy" / "manifest.json").read_text())["summary"],
+        "regimes": {},
+    }
+    for r in (5, 20):
+        started = time.perf_counter()
+        r_cfg = load_config(args.config, [*overrides, f"posterior.top_logprobs={r}"])
+        record["regimes"][f"top{r}"] = score_estimates(r_cfg, run, corpus, teacher, heldout=True)
+        print(f"scale: size {size}: fidelity at top-{r} in {time.perf_counter() - started:.0f} s", flush=True)
+    path.write_text(json.dumps(record, indent=2))
+    return record
+
+
+# ---------------------------------------------------------------- 4. students at the largest size
+
+STUDENTS = {0: ["sft", "proxy-kd", "bayes"], 5: ["topk-kd", "bayes"]}  # by regime (top-r logprobs; 0: none)
+INITS = ("pretrained", "scratch")
+
+
+def students_at(args, root: Path, overrides: list[str]) -> dict:
+    """Each regime's posterior, then its students under each initialisation, same steps for all."""
+    from regimes import regime_overrides, variant_dir
+
+    out: dict = {}
+    for r, modes in STUDENTS.items():
+        variant = variant_dir(root / "x", r, False)  # root/top{r}-default
+        link_stages(root, variant, ("collect", "prior", "proxy"))
+        common = [*overrides, *regime_overrides(r), f"distill.train.max_steps={args.student_steps}"]
+        bayeskd("posterior", "--config", args.config, *common, f"run_dir={variant}")
+        for init in INITS:
+            folder = variant / init
+            link_stages(variant, folder, ("collect", "prior", "proxy", "posterior"))
+            run = [*common, f"run_dir={folder}", f"distill.train.init={init}", "distill.modes=[" + ", ".join(modes) + "]",
+                   "eval.estimates=false"]  # fmt: skip
+            bayeskd("distill", "--config", args.config, *run)
+            bayeskd("eval", "--config", args.config, *run)
+            students = json.loads((folder / "eval" / "metrics.json").read_text())["students"]
+            for mode, m in students.items():
+                name = mode if mode != "bayes" else ("bayes (no logprobs)" if r == 0 else f"bayes (top-{r})")
+                out.setdefault(init, {})[name if mode != "topk-kd" else f"topk-kd (top-{r})"] = m
+    return out
+
+
+# ---------------------------------------------------------------- the record
+
+FIDELITY_ROWS = ("prior", "proxy", "posterior-no-logprobs", "one-hot+proxy", "one-hot+posterior", "top-k alone",
+                 "posterior (top-k only)", "posterior")  # fmt: skip
+
+
+def tables(record: dict) -> str:
+    sizes = record["sizes"]
+    head = "| held-out estimate | " + " | ".join(f"{s['train_tokens']:,} tokens" for s in sizes) + " |"
+    lines = []
+    for regime in ("top5", "top20"):
+        for metric, title in (("kl", "oracle KL(teacher ‖ estimate), nats/token"), ("nll", "black-box NLL of the teacher's tokens, nats/token")):
+            lines += [f"**{title}, API top-{regime[3:]}** (the rows without logprobs are the same in both regimes)", "",
+                      head, "|---|" + "---|" * len(sizes)]  # fmt: skip
+            for name in FIDELITY_ROWS:
+                cells = []
+                for s in sizes:
+                    est = s["regimes"][regime]
+                    bb = (est.get("blackbox") or {}).get("estimates", {})
+                    v = est.get(name, {}).get("kl") if metric == "kl" else bb.get(name, {}).get("nll")
+                    cells.append("-" if v is None else f"{v:.3f}")
+                if any(c != "-" for c in cells):
+                    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            lines.append("")
+    est = sizes[0]["regimes"]["top5"]
+    lines.append(f"Measured on the first {est['prior']['tokens']} response positions of {est['prior']['prompts']} held-out prompts "
+                 "(the same positions at every size). The one-hot controls use their best lambda at each size.")  # fmt: skip
+    lines.append("")
+    for s in sizes:
+        p = s["proxy"]
+        lines.append(f"- {s['train_tokens']:,} tokens: {s['train_prompts']} training prompts, proxy {p['steps']} steps "
+                     f"(held-out loss {p.get('eval_loss', float('nan')):.3f})")  # fmt: skip
+    if "students" in record:
+        lines += ["", f"Students at {sizes[-1]['train_tokens']:,} tokens, {record['student_steps']} steps each, one seed:", "",
+                  "| student | init | bpb ↓ | KL(teacher ‖ student) ↓ | ROUGE-L ↑ | accuracy ↑ |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for init, students in record["students"].items():
+            for mode, m in students.items():
+                acc = "-" if m.get("accuracy") is None else f"{m['accuracy']:.3f}"
+                lines.append(f"| {mode} | {init} | {m['bpb']:.3f} | {m.get('kl_teacher', float('nan')):.3f} | {m['rouge_l']:.3f} | {acc} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(record: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = record["sizes"]
+    x = [s["train_tokens"] for s in sizes]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for ax, metric, title in zip(axes, ("kl", "nll"), ("oracle KL(teacher ‖ estimate)", "black-box held-out NLL")):
+        for i, name in enumerate(FIDELITY_ROWS):
+            for regime, style in (("top5", "-"), ("top20", ":")):
+                if regime == "top20" and name in ("prior", "proxy", "posterior-no-logprobs", "one-hot+proxy", "one-hot+posterior"):
+                    continue  # the same in both regimes
+                ys = []
+                for s in sizes:
+                    est = s["regimes"][regime]
+                    bb = (est.get("blackbox") or {}).get("estimates", {})
+                    ys.append(est.get(name, {}).get("kl") if metric == "kl" else bb.get(name, {}).get("nll"))
+                if all(y is not None for y in ys):
+                    label = name if name in ("prior", "proxy", "posterior-no-logprobs", "one-hot+proxy", "one-hot+posterior") else f"{name}, {regime}"
+                    ax.plot(x, ys, style, marker="o", color=f"C{i}", label=label)
+        ax.set(xscale="log", xlabel="training response tokens", ylabel="nats/token", title=title + " (lower is better)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "scale.png", dpi=110)
+    plt.close(fig)
 
 # ---------------------------------------------------------------- main
 
@@ -143,6 +319,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 100_000, 400_000])
     parser.add_argument("--chunk", type=int, default=1500, help="prompts added to the collect per step")
     parser.add_argument("--collect-only", action="store_true", help="stop after the collect")
+    parser.add_argument("--min-proxy-steps", type=int, default=60)
+    parser.add_argument("--student-steps", type=int, default=400, help="steps of every student at the largest size")
+    parser.add_argument("--no-students", action="store_true", help="fidelity only")
     parser.add_argument("--out", default="bench/out/scale")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides for every run")
     args = parser.parse_args()
@@ -154,11 +333,29 @@ def main() -> None:
     base = ROOT / cfg.run_dir
     started = time.perf_counter()
     pool_size = write_pool(ROOT / cfg.collect.prompts, cfg.teacher.model)
-    tokens = grow_collect(args, cfg, base, pool_size, max(args.sizes))
+    sizes = sorted(args.sizes)
+    tokens = grow_collect(args, cfg, base, pool_size, sizes, lambda size: freeze(base, size_dir(base, size)))
     print(f"scale: corpus ready: {len(tokens)} training prompts, {sum(tokens)} tokens "
           f"({(time.perf_counter() - started) / 60:.1f} min)", flush=True)  # fmt: skip
     if args.collect_only:
         return
+    record = {"sizes": [], "corpus": json.loads((base / "collect" / "manifest.json").read_text())["summary"]}
+    for size in sizes:
+        root = size_dir(base, size)
+        freeze(base, root)
+        own = train_tokens_by_prompt(cfg, root / "collect" / "corpus.jsonl")
+        record["sizes"].append(fidelity_at(args, size, root, size_overrides(args, cfg, root, prompts_for(own, size))))
+    if not args.no_students:
+        root = size_dir(base, sizes[-1])
+        own = train_tokens_by_prompt(cfg, root / "collect" / "corpus.jsonl")
+        record["students"] = students_at(args, root, size_overrides(args, cfg, root, prompts_for(own, sizes[-1])))
+        record["student_steps"] = args.student_steps
+    record["seconds"] = time.perf_counter() - started
+    md = tables(record)
+    out = write_record(args.out, "scale", record, md)
+    plot(record, out)
+    print(md)
+    print(f"wrote {out}/scale.json, scale.md, scale.png")
 
 
 if __name__ == "__main__":

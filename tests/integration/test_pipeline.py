@@ -102,6 +102,9 @@ def test_posterior_and_every_distill_mode_through_the_cli(tiny_teacher_dir, tmp_
             assert est[name]["kl"] >= 0 and 0 <= est[name]["top1"] <= 1 and est[name]["tokens"] > 0
     bb = metrics["estimates"]["heldout"]["blackbox"]
     assert {"prior", "proxy", "posterior-no-logprobs"} <= set(bb["estimates"]) and -1 <= bb["kendall_tau"] <= 1
+    # With logprobs, held out: the API's top-k alone (topk-kd's target, its tail uniform) is scored too.
+    assert {"top-k alone", "posterior (top-k only)"} <= set(bb["estimates"])
+    assert metrics["estimates"]["heldout"]["top-k alone"]["kl"] >= 0 and "top-k alone" not in metrics["estimates"]["train"]
     for name, r in bb["estimates"].items():  # the black-box NLL is the same column as the fidelity table's
         assert r["kl"] >= 0 and r["nll"] == pytest.approx(metrics["estimates"]["heldout"].get(name, r)["nll"])
     report = (tmp_path / "eval" / "report.md").read_text()
@@ -172,3 +175,23 @@ def test_posterior_fit_auto_chooses_on_the_validation_split_without_an_oracle(ti
     splits = [split_of(r["prompt_id"], 0.2, 0.3) for r in corpus]
     assert splits.count("validation") > 0
     assert prior["examples"] == proxy["train_examples"] == splits.count("train")
+
+
+def test_a_scratch_student_owes_the_model_it_is_cut_from_nothing_but_its_shape(tiny_teacher_dir, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    args = [*tiny_args(tmp_path, tiny_teacher_dir), "distill.modes=[sft]", "distill.train.max_steps=1", "distill.train.lr=1e-6"]
+    assert main(["collect", *args]) == 0
+    # seed 5: the tiny teacher is itself random weights drawn from seed 0, which init: scratch at seed 0 would redraw
+    args.append("distill.train.seed=5")
+    assert main(["distill", *args, "distill.train.init=scratch"]) == 0
+    m = manifest(tmp_path, "distill/sft")
+    assert m["status"] == "done" and m["config"]["train"]["init"] == "scratch"
+    student = load_file(tmp_path / "distill" / "sft" / "final" / "model.safetensors")
+    teacher = load_file(tiny_teacher_dir / "model.safetensors")
+    weights = [k for k in student if "norm" not in k]
+    assert weights and all(student[k].shape == teacher[k].shape for k in weights)
+    assert all((student[k] - teacher[k]).abs().max() > 1e-3 for k in weights)  # one step at lr 1e-6 cannot explain it
+    # The initialisation is part of what the student was built from.
+    assert main(["distill", *args]) == 2
+    assert "another config" in capsys.readouterr().err

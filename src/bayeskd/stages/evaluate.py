@@ -34,7 +34,7 @@ from bayeskd.artifacts import Run, write_json_atomic
 from bayeskd.config import Config
 from bayeskd.corpus import TokenizedCorpus, load_corpus
 from bayeskd.errors import BayeskdError
-from bayeskd.estimate import load_prior, record_evidence, update
+from bayeskd.estimate import load_prior, record_evidence, topk_targets, update
 from bayeskd.evidence import EvidenceMapper
 from bayeskd.models import load_causal_lm
 from bayeskd.report import ESTIMATES, comparison_table, write_report
@@ -153,6 +153,7 @@ def score_estimates(cfg: Config, run: Run, corpus: TokenizedCorpus, teacher, hel
             if heldout and ev is not None:  # the API's top-k without the sampled token's own logprob
                 ev = record_evidence(mapper, record, corpus.tokenizer, cfg.data.template, len(y), p.top_logprobs, False)
                 estimates["posterior (top-k only)"] = D.apply_evidence(bare, every, *ev)
+                estimates["top-k alone"] = topk_targets(ev, len(y)).dense(vocab)  # what topk-kd reads, the tail uniform
             hard = np.zeros_like(p_proxy)
             hard[np.arange(len(y)), y] = 1.0
             for lam in cfg.eval.control_lambdas:
@@ -165,7 +166,7 @@ def score_estimates(cfg: Config, run: Run, corpus: TokenizedCorpus, teacher, hel
             positions += len(y)
     if positions == 0:
         return {}
-    out = {name: _means(acc, name) for name in ESTIMATES if "+" not in name}
+    out = {name: _means(acc, name) for name in (*ESTIMATES, *_covering(acc, TOPK_ONLY)) if "+" not in name}
     for name in ("one-hot+proxy", "one-hot+posterior"):  # the controls, at their best lambda
         best = min(cfg.eval.control_lambdas, key=lambda lam: _means(acc, f"{name}@{lam}")["kl"])
         out[name] = {**_means(acc, f"{name}@{best}"), "lambda": best}
@@ -178,6 +179,16 @@ def score_estimates(cfg: Config, run: Run, corpus: TokenizedCorpus, teacher, hel
     return out
 
 
+# Held out, with logprobs: estimates from the API's top-k without the sampled token's own logprob
+# (which the teacher's draw decides), so that the black-box NLL may score them.
+TOPK_ONLY = ("posterior (top-k only)", "top-k alone")
+
+
+def _covering(acc: dict, names: tuple[str, ...]) -> list[str]:
+    """Those of `names` scored at every position (records without logprobs leave gaps): rows must cover the same positions."""
+    return [n for n in names if len(acc.get(f"{n}/kl", ())) == len(acc["prior/kl"])]
+
+
 def _means(acc: dict, name: str) -> dict:
     return {k: float(np.concatenate(acc[f"{name}/{k}"]).mean()) for k in ("kl", "top1", "nll")}
 
@@ -188,9 +199,7 @@ def _blackbox(acc: dict) -> dict:
 
     Where the top-k only posterior was not scored at every position (records without logprobs),
     it is left out, so that all rows cover the same positions."""
-    names = ["prior", "proxy", "posterior-no-logprobs"]
-    if len(acc.get("posterior (top-k only)/kl", ())) == len(acc["prior/kl"]):
-        names.append("posterior (top-k only)")
+    names = ["prior", "proxy", "posterior-no-logprobs", *_covering(acc, TOPK_ONLY)]
     rows = {n: {"nll": m["nll"], "kl": m["kl"]} for n in names for m in [_means(acc, n)]}
     tau = blackbox.kendall_tau([r["nll"] for r in rows.values()], [r["kl"] for r in rows.values()])
     return {"estimates": rows, "kendall_tau": tau}
