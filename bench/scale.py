@@ -322,6 +322,8 @@ def main() -> None:
     parser.add_argument("--min-proxy-steps", type=int, default=60)
     parser.add_argument("--student-steps", type=int, default=400, help="steps of every student at the largest size")
     parser.add_argument("--no-students", action="store_true", help="fidelity only")
+    parser.add_argument("--frozen-only", action="store_true",
+                        help="no collect: the fidelity of the sizes the corpus already reached (frozen by a running scale.py)")
     parser.add_argument("--out", default="bench/out/scale")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides for every run")
     args = parser.parse_args()
@@ -334,6 +336,14 @@ def main() -> None:
     started = time.perf_counter()
     pool_size = write_pool(ROOT / cfg.collect.prompts, cfg.teacher.model)
     sizes = sorted(args.sizes)
+    if args.frozen_only:
+        sizes = [size for size in sizes if (size_dir(base, size) / "collect" / "manifest.json").exists()]
+        for size in sizes:
+            root = size_dir(base, size)
+            own = train_tokens_by_prompt(cfg, root / "collect" / "corpus.jsonl")
+            fidelity_at(args, size, root, size_overrides(args, cfg, root, prompts_for(own, size)))
+        print(f"scale: fidelity done for sizes {sizes}", flush=True)
+        return
     tokens = grow_collect(args, cfg, base, pool_size, sizes, lambda size: freeze(base, size_dir(base, size)))
     print(f"scale: corpus ready: {len(tokens)} training prompts, {sum(tokens)} tokens "
           f"({(time.perf_counter() - started) / 60:.1f} min)", flush=True)  # fmt: skip
