@@ -2,7 +2,8 @@
 and students that do not inherit the teacher's weights (issue 13).
 
     HF_HUB_OFFLINE=1 python bench/scale.py [--config bench/scale.yaml] [--sizes 20000 100000 400000]
-        [--out bench/out/scale] [--students | --no-students] [key=value ...]
+        [--proxy-steps 60] [--student-steps 50] [--students-at SIZE | --no-students]
+        [--frozen-only] [--out bench/out/scale] [key=value ...]
 
 1. The prompt pool (runs/scale/prompts.jsonl, written once, deterministic): the 323 built-in
    prompts first, then templated tasks interleaved so that every prefix mixes them: word tasks
@@ -12,15 +13,18 @@ and students that do not inherit the teacher's weights (issue 13).
    grows by `--chunk` prompts until the training split holds the largest size: each step is
    the previous corpus plus more (the store is content-keyed, so no answer is paid for twice).
    A kill loses nothing the store has; a rerun asks only for what it lacks.
-3. At each size, a run folder that links the final collect and trains on its first N training
-   prompts (data.train_prompts; N chosen so that the training responses hold about the size in
-   tokens), on the same held-out prompts: the prior, the proxy (trained for one pass over its
-   corpus, at least --min-proxy-steps), then the fidelity of every estimate (oracle KL and
-   black-box NLL, held out) with no logprobs, top-5 and top-20.
-4. At the largest size: the `sft`, `proxy-kd`, `topk-kd` (top-5) and `bayes` (no logprobs and
-   top-5) students, all trained for the same steps, under two initialisations: the teacher's
-   first layers (`init: pretrained`, what every earlier result used) and `init: scratch` (the
-   same architecture, random weights: no teacher knowledge).
+3. At each size, a run folder that holds a frozen copy of the corpus as it was when it first
+   reached the size, and trains on its first N training prompts (data.train_prompts; N chosen
+   so that the training responses hold the size in tokens), on the same held-out positions
+   (the held-out prompts of a smaller corpus are a prefix of a larger one's): the prior, and
+   the fidelity of every estimate (oracle KL and black-box NLL, held out) with no logprobs,
+   top-5 and top-20. The proxy is trained once, at the smallest size, for --proxy-steps, and
+   shared: a pass over 400k tokens costs hours on 2 CPU cores, so the curve isolates what the
+   counts buy (the prior, the posterior), with the proxy held fixed.
+4. At one size (--students-at, default the largest): the `sft`, `proxy-kd`, `topk-kd` (top-5)
+   and `bayes` (no logprobs and top-5) students, all trained for the same steps, under two
+   initialisations: the teacher's first layers (`init: pretrained`, what every earlier result
+   used) and `init: scratch` (the same architecture, random weights: no teacher knowledge).
 
 Everything resumes: finished stages are skipped and each size's fidelity is kept in its
 folder. Writes OUT/scale.json, OUT/scale.md and OUT/scale.png.
@@ -171,14 +175,25 @@ def prompts_for(tokens: list[int], size: int) -> int:
     raise ValueError(f"the corpus holds {total} training tokens < {size}")
 
 
-def size_overrides(args, cfg, root: Path, n_prompts: int) -> list[str]:
-    steps = max(args.min_proxy_steps, -(-n_prompts // cfg.proxy.train.batch_size))  # one pass over the corpus
-    return [*args.overrides, f"run_dir={root}", f"data.train_prompts={n_prompts}", f"proxy.train.max_steps={steps}"]
+def size_overrides(args, root: Path, n_prompts: int) -> list[str]:
+    return [*args.overrides, f"run_dir={root}", f"data.train_prompts={n_prompts}", f"proxy.train.max_steps={args.proxy_steps}"]
 
 
-def fidelity_at(args, size: int, root: Path, overrides: list[str]) -> dict:
-    """Prior and proxy at one size, then every estimate's held-out fidelity in the two logprob
-    regimes (the estimates without logprobs are the same in both)."""
+def share_proxy(src: Path, root: Path) -> None:
+    """root/proxy: the smallest size's proxy (its final weights linked, its manifest copied)."""
+    import shutil
+
+    if (root / "proxy" / "manifest.json").exists():
+        return
+    (root / "proxy").mkdir(parents=True, exist_ok=True)
+    (root / "proxy" / "final").symlink_to((src / "proxy" / "final").resolve(), target_is_directory=True)
+    shutil.copy(src / "proxy" / "manifest.json", root / "proxy" / "manifest.json")
+
+
+def fidelity_at(args, size: int, root: Path, overrides: list[str], proxy_from: Path | None = None) -> dict:
+    """The prior at one size and the proxy (trained here, or `proxy_from`'s), then every
+    estimate's held-out fidelity in the two logprob regimes (the estimates without logprobs are
+    the same in both)."""
     from bayeskd.artifacts import Run
     from bayeskd.config import load_config
     from bayeskd.corpus import load_corpus
@@ -188,7 +203,11 @@ def fidelity_at(args, size: int, root: Path, overrides: list[str]) -> dict:
     path = root / "fidelity.json"
     if path.exists():
         return json.loads(path.read_text())
+    if proxy_from is not None and proxy_from != root:
+        share_proxy(proxy_from, root)
     for stage in ("prior", "proxy"):
+        if (root / stage / "manifest.json").exists() and stage == "proxy" and proxy_from not in (None, root):
+            continue  # shared, not retrained
         bayeskd(stage, "--config", args.config, *overrides)
     cfg = load_config(args.config, overrides)
     run = Run(root)
@@ -208,6 +227,11 @@ def fidelity_at(args, size: int, root: Path, overrides: list[str]) -> dict:
         print(f"scale: size {size}: fidelity at top-{r} in {time.perf_counter() - started:.0f} s", flush=True)
     path.write_text(json.dumps(record, indent=2))
     return record
+
+
+def overrides_at(args, cfg, base: Path, size: int) -> list[str]:
+    root = size_dir(base, size)
+    return size_overrides(args, root, prompts_for(train_tokens_by_prompt(cfg, root / "collect" / "corpus.jsonl"), size))
 
 
 # ---------------------------------------------------------------- 4. students at the largest size
@@ -319,8 +343,10 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 100_000, 400_000])
     parser.add_argument("--chunk", type=int, default=1500, help="prompts added to the collect per step")
     parser.add_argument("--collect-only", action="store_true", help="stop after the collect")
-    parser.add_argument("--min-proxy-steps", type=int, default=60)
-    parser.add_argument("--student-steps", type=int, default=400, help="steps of every student at the largest size")
+    parser.add_argument("--proxy-steps", type=int, default=60,
+                        help="the proxy's steps, trained once at the smallest size and shared by every size")
+    parser.add_argument("--student-steps", type=int, default=50, help="steps of every student")
+    parser.add_argument("--students-at", type=int, default=None, help="the size the students train at (default: the largest)")
     parser.add_argument("--no-students", action="store_true", help="fidelity only")
     parser.add_argument("--frozen-only", action="store_true",
                         help="no collect: the fidelity of the sizes the corpus already reached (frozen by a running scale.py)")
@@ -339,9 +365,7 @@ def main() -> None:
     if args.frozen_only:
         sizes = [size for size in sizes if (size_dir(base, size) / "collect" / "manifest.json").exists()]
         for size in sizes:
-            root = size_dir(base, size)
-            own = train_tokens_by_prompt(cfg, root / "collect" / "corpus.jsonl")
-            fidelity_at(args, size, root, size_overrides(args, cfg, root, prompts_for(own, size)))
+            fidelity_at(args, size, size_dir(base, size), overrides_at(args, cfg, base, size), size_dir(base, sizes[0]))
         print(f"scale: fidelity done for sizes {sizes}", flush=True)
         return
     tokens = grow_collect(args, cfg, base, pool_size, sizes, lambda size: freeze(base, size_dir(base, size)))
@@ -351,15 +375,12 @@ def main() -> None:
         return
     record = {"sizes": [], "corpus": json.loads((base / "collect" / "manifest.json").read_text())["summary"]}
     for size in sizes:
-        root = size_dir(base, size)
-        freeze(base, root)
-        own = train_tokens_by_prompt(cfg, root / "collect" / "corpus.jsonl")
-        record["sizes"].append(fidelity_at(args, size, root, size_overrides(args, cfg, root, prompts_for(own, size))))
+        freeze(base, size_dir(base, size))
+        record["sizes"].append(fidelity_at(args, size, size_dir(base, size), overrides_at(args, cfg, base, size), size_dir(base, sizes[0])))
     if not args.no_students:
-        root = size_dir(base, sizes[-1])
-        own = train_tokens_by_prompt(cfg, root / "collect" / "corpus.jsonl")
-        record["students"] = students_at(args, root, size_overrides(args, cfg, root, prompts_for(own, sizes[-1])))
-        record["student_steps"] = args.student_steps
+        at = args.students_at or sizes[-1]
+        record["students"] = students_at(args, size_dir(base, at), overrides_at(args, cfg, base, at))
+        record["student_steps"], record["students_at"] = args.student_steps, at
     record["seconds"] = time.perf_counter() - started
     md = tables(record)
     out = write_record(args.out, "scale", record, md)
