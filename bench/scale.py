@@ -367,6 +367,8 @@ def main() -> None:
         for size in sizes:
             fidelity_at(args, size, size_dir(base, size), overrides_at(args, cfg, base, size), size_dir(base, sizes[0]))
         print(f"scale: fidelity done for sizes {sizes}", flush=True)
+        if args.students_at in sizes and not args.no_students:
+            students_at(args, size_dir(base, args.students_at), overrides_at(args, cfg, base, args.students_at))
         return
     tokens = grow_collect(args, cfg, base, pool_size, sizes, lambda size: freeze(base, size_dir(base, size)))
     print(f"scale: corpus ready: {len(tokens)} training prompts, {sum(tokens)} tokens "
