@@ -276,7 +276,7 @@ def tables(record: dict) -> str:
     lines = []
     for regime in sizes[0]["regimes"]:
         for metric, title in (("kl", "oracle KL(teacher ‖ estimate), nats/token"), ("nll", "black-box NLL of the teacher's tokens, nats/token")):
-            lines += [f"**{title}, API top-{regime[3:]}** (the rows without logprobs are the same in both regimes)", "",
+            lines += [f"**{title}, API top-{regime[3:]}** (the rows without logprobs are the same in every regime)", "",
                       head, "|---|" + "---|" * len(sizes)]  # fmt: skip
             for name in FIDELITY_ROWS:
                 cells = []
@@ -289,13 +289,14 @@ def tables(record: dict) -> str:
                     lines.append(f"| {name} | " + " | ".join(cells) + " |")
             lines.append("")
     est = next(iter(sizes[0]["regimes"].values()))
-    lines.append(f"Measured on the first {est['prior']['tokens']} response positions of {est['prior']['prompts']} held-out prompts "
-                 "(the same positions at every size). The one-hot controls use their best lambda at each size.")  # fmt: skip
+    lines.append(f"Measured on the first {est['prior']['tokens']} response positions of the held-out prompts, the same "
+                 "positions at every size. The one-hot controls use their best lambda at each size; their black-box NLL "
+                 "is left out (they contain the scored token).")  # fmt: skip
     lines.append("")
     for s in sizes:
         p = s["proxy"]
         lines.append(f"- {s['train_tokens']:,} tokens: {s['train_prompts']} training prompts, proxy {p['steps']} steps "
-                     f"(held-out loss {p.get('eval_loss', float('nan')):.3f})")  # fmt: skip
+                     f"(held-out loss {p.get('eval_loss', float('nan')):.3f}; shared by every size)")  # fmt: skip
     if "students" in record:
         lines += ["", f"Students at {sizes[-1]['train_tokens']:,} tokens, {record['student_steps']} steps each, one seed:", "",
                   "| student | init | bpb ↓ | KL(teacher ‖ student) ↓ | ROUGE-L ↑ | accuracy ↑ |", "|---|---|---|---|---|---|"]  # fmt: skip
