@@ -450,7 +450,8 @@ def make_dpo_loss_fn(beta: float) -> Callable[[Tensor, Mapping[str, Tensor]], Lo
     same pairs; `ref_logps` [2P] are the frozen reference's sequence log-probabilities of the
     same rows. The loss is the SUM over pairs, and `loss_units` tells the loop to count pairs,
     not tokens. Parts: `dpo`, the rewards' `margin` and `accuracy` (chosen reward above the
-    rejected), summed over pairs (the log shows their means).
+    rejected), `chosen_reward` and `rejected_reward` (whether the teacher's responses became
+    likelier, or only the proxy's own less likely), summed over pairs (the log shows their means).
     """
 
     def loss_fn(logits: Tensor, batch: Mapping[str, Tensor]) -> LossOutput:
@@ -460,7 +461,8 @@ def make_dpo_loss_fn(beta: float) -> Callable[[Tensor, Mapping[str, Tensor]], Lo
         loss, r_w, r_l = dpo_loss(logps[:pairs], logps[pairs:], ref[:pairs], ref[pairs:], beta)
         total = loss.sum()
         margin = (r_w - r_l).detach()
-        parts = {"dpo": total.detach(), "margin": margin.sum(), "accuracy": (margin > 0).float().sum()}
+        parts = {"dpo": total.detach(), "margin": margin.sum(), "accuracy": (margin > 0).float().sum(),
+                 "chosen_reward": r_w.detach().sum(), "rejected_reward": r_l.detach().sum()}
         return LossOutput(total, torch.tensor(pairs), parts)
 
     return loss_fn
