@@ -100,7 +100,8 @@ def tables(record: dict) -> str:
     d = record["dpo"]["summary"]
     lines += ["", f"DPO: {d['pairs']} pairs from {d['prompts']} training prompts ({d['rejected_unfinished']} proxy "
               f"samples cut at max_new_tokens), {d['steps']} steps; last step's loss {d['dpo']:.3f}, reward margin "
-              f"{d['margin']:.3f}, pair accuracy {d['accuracy']:.2f}. In the SFT proxy's run, `proxy` is the SFT "
+              f"{d['margin']:.3f} (chosen {d.get('chosen_reward', float('nan')):+.3f}, rejected "
+              f"{d.get('rejected_reward', float('nan')):+.3f}), pair accuracy {d['accuracy']:.2f}. In the SFT proxy's run, `proxy` is the SFT "
               "proxy itself; in the DPO run it is the DPO proxy and `proxy (sft)` the one it started from."]  # fmt: skip
     return "\n".join(lines)
 
