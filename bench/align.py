@@ -11,8 +11,8 @@ prior and both proxies: the SFT proxy (`proxy/final/`) and the DPO one made from
 own run folder that links the base's collect, prior and proxy (never rebuilt): the posterior
 without logprobs (`posterior.use_logprobs=false`, the regime where the proxy is the posterior's
 only evidence besides the counts), and per seed (`distill.train.seed`, the data order) the
-`bayes` and `proxy-kd` students, with `sft` (which reads no proxy) once per seed as the
-reference. Eval's fidelity (oracle KL and black-box NLL on held-out positions) is measured on
+`bayes` and `proxy-kd` students, seed by seed for both proxies, the record rewritten after
+each seed (the `sft` student reads no proxy: bench/regimes.py has it on this corpus). Eval's fidelity (oracle KL and black-box NLL on held-out positions) is measured on
 the first seed of each variant; the DPO variant's eval scores both proxies side by side.
 Finished stages are skipped, so a rerun after a crash resumes. Writes OUT/align.json and
 OUT/align.md.
@@ -32,35 +32,42 @@ from regimes import link_stages  # bench/regimes.py
 
 SHARED = ("collect", "prior", "proxy")
 NO_LOGPROBS = ["posterior.use_logprobs=false", "posterior.top_logprobs=0"]
-DPO = ["proxy.dpo.beta=0.1", "proxy.dpo.lr=2e-4", "proxy.dpo.max_steps=40", "proxy.dpo.batch_size=8",
-       "proxy.dpo.warmup_steps=4", "proxy.dpo.save_every=20"]  # fmt: skip
+DPO = ["proxy.dpo.beta=0.1", "proxy.dpo.lr=2e-4", "proxy.dpo.max_steps=30", "proxy.dpo.batch_size=4",
+       "proxy.dpo.warmup_steps=3", "proxy.dpo.save_every=10"]  # fmt: skip
+SIZE = ["eval.max_examples=24"]  # with the 40-step students of bench/regimes.yaml: about an hour on a loaded 2-core CPU
 VARIANTS = {"sft": "sft", "dpo": "sft+dpo"}  # run folder -> proxy.align
 FIDELITY = ("prior", "proxy (sft)", "proxy", "posterior-no-logprobs", "one-hot+proxy", "one-hot+posterior")
 
 
-def run_variant(args, base: Path, name: str, overrides: list[str]) -> dict[int, dict]:
-    """One proxy's posterior (no logprobs), then its students for every seed; eval metrics per seed."""
+def common_args(args, name: str, overrides: list[str]) -> list[str]:
+    return ["--config", args.config, *overrides, *NO_LOGPROBS, f"proxy.align={VARIANTS[name]}"]
+
+
+def run_posterior(args, base: Path, name: str, overrides: list[str]) -> None:
+    """One proxy's posterior without logprobs, in its own run folder beside the base."""
     root = base.parent / name
     link_stages(base, root, SHARED)
-    common = ["--config", args.config, *overrides, *NO_LOGPROBS, f"proxy.align={VARIANTS[name]}"]
-    bayeskd("posterior", *common, f"run_dir={root}")
-    modes = "[sft, bayes, proxy-kd]" if name == "sft" else "[bayes, proxy-kd]"
-    out = {}
-    for seed in args.seeds:
-        seed_root = root / f"seed{seed}"
-        link_stages(root, seed_root, (*SHARED, "posterior"))
-        run = [*common, f"run_dir={seed_root}", f"distill.modes={modes}", f"distill.train.seed={seed}",
-               f"eval.estimates={str(seed == args.seeds[0]).lower()}"]  # fmt: skip
-        bayeskd("distill", *run)
-        bayeskd("eval", *run)
-        out[seed] = json.loads((seed_root / "eval" / "metrics.json").read_text())
-    return out
+    bayeskd("posterior", *common_args(args, name, overrides), f"run_dir={root}")
+
+
+def run_students(args, base: Path, name: str, seed: int, overrides: list[str]) -> dict:
+    """The `bayes` and `proxy-kd` students of one proxy's posterior for one seed; their eval metrics."""
+    root = base.parent / name
+    seed_root = root / f"seed{seed}"
+    link_stages(root, seed_root, (*SHARED, "posterior"))
+    run = [*common_args(args, name, overrides), f"run_dir={seed_root}", "distill.modes=[bayes, proxy-kd]",
+           f"distill.train.seed={seed}", f"eval.estimates={str(seed == args.seeds[0]).lower()}"]  # fmt: skip
+    bayeskd("distill", *run)
+    bayeskd("eval", *run)
+    return json.loads((seed_root / "eval" / "metrics.json").read_text())
 
 
 def record_of(args, base: Path, results: dict[str, dict[int, dict]], seconds: float) -> dict:
     per_seed = {}
     for seed in args.seeds:
-        s = {"sft": results["sft"][seed]["students"]["sft"]}
+        if any(seed not in results[name] for name in VARIANTS):
+            continue  # not finished (yet): the record holds whole seeds only
+        s = {}
         for name, label in (("sft", "SFT proxy"), ("dpo", "SFT+DPO proxy")):
             for mode in ("bayes", "proxy-kd"):
                 s[f"{mode} ({label})"] = results[name][seed]["students"][mode]
@@ -69,7 +76,8 @@ def record_of(args, base: Path, results: dict[str, dict[int, dict]], seconds: fl
     fidelity = {name: results[name][first]["estimates"] for name in VARIANTS}
     dpo = json.loads((base / "proxy" / "dpo" / "manifest.json").read_text())
     return {
-        "seeds": args.seeds,
+        "seeds": sorted(per_seed),
+        "seeds_asked": args.seeds,
         "corpus": json.loads((base / "collect" / "manifest.json").read_text())["summary"],
         "dpo": {"config": dpo["config"]["dpo"], "summary": dpo["summary"]},
         "sft_proxy": json.loads((base / "proxy" / "manifest.json").read_text())["summary"],
@@ -117,16 +125,22 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "src"))
     from bayeskd.config import load_config
 
-    overrides = ["run_dir=runs/align/base", *DPO, *args.overrides]
+    overrides = ["run_dir=runs/align/base", *DPO, *SIZE, *args.overrides]
     cfg = load_config(args.config, overrides)
     base = Path(cfg.run_dir) if Path(cfg.run_dir).is_absolute() else ROOT / cfg.run_dir
     started = time.perf_counter()
     for stage in SHARED:  # the base builds both proxies: the SFT one, then DPO from it
         bayeskd(stage, "--config", args.config, *overrides, "proxy.align=sft+dpo")
-    results = {name: run_variant(args, base, name, overrides) for name in VARIANTS}
-    record = record_of(args, base, results, time.perf_counter() - started)
-    md = tables(record)
-    out = write_record(args.out, "align", record, md)
+    for name in VARIANTS:
+        run_posterior(args, base, name, overrides)
+    # Seed by seed, both proxies: what has finished is always a like-for-like comparison, written each time.
+    results: dict[str, dict[int, dict]] = {name: {} for name in VARIANTS}
+    for seed in args.seeds:
+        for name in VARIANTS:
+            results[name][seed] = run_students(args, base, name, seed, overrides)
+        record = record_of(args, base, results, time.perf_counter() - started)
+        md = tables(record)
+        out = write_record(args.out, "align", record, md)
     print(md)
     print(f"wrote {out}/align.json, align.md ({record['seconds'] / 60:.1f} min)")
 
