@@ -281,7 +281,7 @@ class Run:
         m = self.manifest(stage)
         path = self.root / stage / name
         if m is None or m.get("status") not in ("done", "partial") or not path.exists():
-            raise BayeskdError(f"{path} does not exist: run `bayeskd {stage}` first")
+            raise BayeskdError(f"{path} does not exist: run `bayeskd {stage.split('/')[0]}` first")
         self.verify(stage, name, checksum=None)
         return path
 

@@ -351,13 +351,68 @@ class PriorConfig:
 
 
 @dataclass
+class DpoConfig:
+    """`proxy.align: sft+dpo`: preference optimisation of the fine-tuned proxy (Proxy-KD's second step).
+
+    For each training prompt the SFT proxy samples `samples` responses of its own; each teacher
+    response to that prompt is preferred over each of them, and DPO trains the proxy against the
+    frozen SFT proxy as reference. Only the proxy generates: no API call is made. The training
+    loop is `proxy.train`'s (its LoRA, precision, clipping, schedule) with the values below.
+    """
+
+    beta: float = 0.1
+    """DPO's beta: the strength of the implicit KL to the reference (larger stays closer to it)."""
+    samples: int = 1
+    """The proxy's own responses per training prompt (the rejected side of the pairs)."""
+    max_new_tokens: int | None = None
+    """Most tokens per proxy response (null: collect.max_tokens, as the teacher's)."""
+    temperature: float = 1.0
+    """Sampling temperature of the proxy's responses."""
+    seed: int = 0
+    """Seeds the proxy's samples (per prompt and sample) and the order of the pairs in training."""
+    max_steps: int = 30
+    """Optimizer steps of DPO."""
+    batch_size: int = 4
+    """Pairs per micro-step (each is two sequences in the forward)."""
+    lr: float = 5e-5
+    warmup_steps: int = 3
+    save_every: int = 10
+    """Checkpoint every N steps, for exact resume (0: only at the end)."""
+
+    def validate(self, path: str) -> None:
+        _check(self.beta > 0, f"{path}.beta", self.beta, "must be > 0")
+        _check(self.temperature > 0, f"{path}.temperature", self.temperature, "must be > 0 (the proxy samples)")
+        _check(self.lr > 0, f"{path}.lr", self.lr, "must be > 0")
+        for name in ("samples", "max_steps", "batch_size"):
+            _check(getattr(self, name) >= 1, f"{path}.{name}", getattr(self, name), "must be >= 1")
+        for name in ("warmup_steps", "save_every"):
+            _check(getattr(self, name) >= 0, f"{path}.{name}", getattr(self, name), "must be >= 0")
+        v = self.max_new_tokens
+        _check(v is None or v >= 1, f"{path}.max_new_tokens", v, "must be >= 1 or null")
+
+    def train_config(self, base: TrainConfig, model: str) -> TrainConfig:
+        """The training loop's settings for DPO: `base` (proxy.train) with this section's values,
+        starting from `model` (the SFT proxy) as it is."""
+        return dataclasses.replace(base, model=model, init_layers=None, max_steps=self.max_steps, lr=self.lr,
+                                   batch_size=self.batch_size, warmup_steps=self.warmup_steps,
+                                   save_every=self.save_every, seed=self.seed, eval_every=0)  # fmt: skip
+
+
+@dataclass
 class ProxyConfig:
     """Stage `proxy`: align an open model to the teacher by fine-tuning it on the corpus."""
 
     train: TrainConfig = field(default_factory=lambda: TrainConfig(init_layers=10, max_steps=60, lr=3e-4))
+    align: Literal["sft", "sft+dpo"] = "sft"
+    """`sft`: fine-tuning on the teacher's responses (`proxy/final/`). `sft+dpo`: then DPO with
+    the teacher's responses preferred over the proxy's own (`proxy.dpo`), in `proxy/dpo/final/`,
+    which every later stage reads as the proxy; the SFT proxy stays in `proxy/final/`."""
+    dpo: DpoConfig = field(default_factory=DpoConfig)
+    """The DPO step of `align: sft+dpo`."""
 
     def validate(self, path: str) -> None:
         self.train.validate(f"{path}.train")
+        self.dpo.validate(f"{path}.dpo")
 
 
 @dataclass

@@ -17,6 +17,15 @@ from bayeskd.artifacts import Run  # noqa: E402
 # Proxy-KD's loss implies, at its best lambda; one-hot+posterior: the same mix with the
 # posterior-no-logprobs in the proxy's place (what the bayes student's CE + KL trains towards).
 ESTIMATES = ("one-hot", "prior", "proxy", "posterior-no-logprobs", "posterior", "one-hot+proxy", "one-hot+posterior")
+# proxy (sft): with proxy.align sft+dpo, the SFT proxy before DPO; `proxy` is then the DPO one.
+SFT_PROXY = "proxy (sft)"
+
+
+def estimate_names(scored) -> list[str]:
+    """ESTIMATES, with `proxy (sft)` after `proxy` where it was scored (`scored`: names or `name/...` keys)."""
+    has_sft = any(k == SFT_PROXY or k.startswith(f"{SFT_PROXY}/") for k in scored)
+    names = list(ESTIMATES)
+    return names[:3] + [SFT_PROXY] + names[3:] if has_sft else names
 
 
 def comparison_table(metrics: dict) -> str:
@@ -67,7 +76,7 @@ def _fidelity(metrics: dict, out: Path) -> str | None:
     if not settings:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    names = list(ESTIMATES)
+    names = estimate_names(est[settings[0]])
     width = 0.8 / len(settings)
     for i, setting in enumerate(settings):
         xs = [j + i * width for j in range(len(names))]
@@ -115,7 +124,7 @@ def write_report(run: Run, metrics: dict, out: Path) -> Path:
         lines += ["## Estimates against the teacher", "", "| setting | estimate | KL | top-1 | teacher-token NLL |",
                   "|---|---|---|---|---|"]
         for setting, rows in est.items():
-            for name in ESTIMATES:
+            for name in estimate_names(rows):
                 r = rows[name]
                 label = f"{name} (lambda={r['lambda']})" if "lambda" in r else name
                 lines.append(f"| {setting} | {label} | {r['kl']:.3f} | {r['top1']:.3f} | {r['nll']:.3f} |")

@@ -11,7 +11,8 @@ They differ only in the data and in `loss_fn(logits, batch) -> LossOutput`:
   target tokens of the whole optimizer step, over micro-steps and processes, so the gradient
   is the same for any split of a global batch into processes and accumulation steps.
   `LossOutput.parts` (detached sums) are logged the same way; a plain (loss_sum, n_tokens)
-  tuple works too.
+  tuple works too. A loss over whole sequences (DPO: one term per preference pair) puts its
+  count in the batch as `loss_units` (a scalar tensor), which the loop then counts instead.
 
 Data order is a pure function of (seed, step): epoch e visits the examples in the
 permutation seeded by (seed, e), the stream runs on across epochs, and global micro-batch g
@@ -161,6 +162,9 @@ def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]
 
 
 def _n_targets(batch: Mapping[str, Tensor]) -> Tensor:
+    """What the loss's sum is divided by: the batch's `loss_units` if it has them, else its target tokens."""
+    if "loss_units" in batch:
+        return batch["loss_units"].sum()
     return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
 

@@ -195,3 +195,32 @@ def test_a_scratch_student_owes_the_model_it_is_cut_from_nothing_but_its_shape(t
     # The initialisation is part of what the student was built from.
     assert main(["distill", *args]) == 2
     assert "another config" in capsys.readouterr().err
+
+
+def test_the_dpo_proxy_is_what_later_stages_read(tiny_teacher_dir, tmp_path, capsys):
+    from bayeskd.artifacts import fingerprint_file
+
+    args = [*tiny_args(tmp_path, tiny_teacher_dir), "proxy.align=sft+dpo", "proxy.dpo.max_steps=3",
+            "proxy.dpo.save_every=2", "proxy.dpo.lr=0.01", "distill.modes=[proxy-kd]", "eval.max_examples=4"]  # fmt: skip
+    assert main(["run", *args]) == 0
+    dpo = manifest(tmp_path, "proxy/dpo")
+    assert dpo["status"] == "done" and dpo["summary"]["steps"] == 3 and dpo["summary"]["pairs"] > 0
+    # No pair comes from a held-out prompt; the posterior read the DPO proxy, not the SFT one.
+    from bayeskd.data import split_of
+
+    pairs = [json.loads(x) for x in (tmp_path / "proxy" / "dpo" / "pairs.jsonl").read_text().splitlines()]
+    assert all(split_of(p["prompt_id"], 0.2) == "train" for p in pairs)
+    dpo_fp = fingerprint_file(tmp_path / "proxy" / "dpo" / "final" / "model.safetensors")
+    assert manifest(tmp_path, "posterior")["inputs"]["proxy"] == dpo_fp
+    assert dpo_fp != fingerprint_file(tmp_path / "proxy" / "final" / "model.safetensors")
+    # eval scores both proxies, the DPO one as `proxy` and the SFT one beside it.
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    for setting in ("train", "heldout"):
+        est = metrics["estimates"][setting]
+        assert est["proxy"]["kl"] != est["proxy (sft)"]["kl"] and est["proxy (sft)"]["tokens"] == est["proxy"]["tokens"]
+    assert "proxy (sft)" in metrics["estimates"]["heldout"]["blackbox"]["estimates"]
+    assert "| heldout | proxy (sft) |" in (tmp_path / "eval" / "report.md").read_text()
+    # Back to align=sft: the posterior built on the DPO proxy is stale for it, and says which input changed.
+    capsys.readouterr()
+    assert main(["posterior", *args, "proxy.align=sft"]) == 2
+    assert "input (proxy)" in capsys.readouterr().err

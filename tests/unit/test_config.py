@@ -114,3 +114,23 @@ def test_a_partial_section_keeps_the_fields_own_defaults(tmp_path):
     assert cfg.proxy.train.max_steps == 7
     assert cfg.proxy.train.init_layers == 10  # ProxyConfig's default, not TrainConfig's
     assert load_config(None, ["distill.train.lr=0.1"]).distill.train.init_layers == 4
+
+
+@pytest.mark.parametrize("override, message", [
+    ("proxy.align=dpo", "proxy.align='dpo': must be one of 'sft', 'sft+dpo'"),
+    ("proxy.dpo.beta=0", "proxy.dpo.beta=0.0: must be > 0"),
+    ("proxy.dpo.samples=0", "proxy.dpo.samples=0: must be >= 1"),
+    ("proxy.dpo.temperature=0", "proxy.dpo.temperature=0.0: must be > 0"),
+    ("proxy.dpo.max_new_tokens=0", "proxy.dpo.max_new_tokens=0: must be >= 1 or null"),
+])
+def test_bad_dpo_values_name_the_field(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert message in str(e.value)
+
+
+def test_dpo_trains_the_sft_proxy_with_its_own_steps_and_rate():
+    cfg = load_config(None, ["proxy.train.lora.enabled=true", "proxy.dpo.lr=1e-5", "proxy.dpo.max_steps=7"])
+    t = cfg.proxy.dpo.train_config(cfg.proxy.train, "runs/x/proxy/final")
+    assert (t.model, t.init_layers, t.lr, t.max_steps, t.batch_size) == ("runs/x/proxy/final", None, 1e-5, 7, 4)
+    assert t.lora.enabled and t.max_grad_norm == cfg.proxy.train.max_grad_norm  # the rest is proxy.train's

@@ -17,11 +17,14 @@ from bayeskd.losses import (
     LossOutput,
     cross_entropy,
     dense_kl,
+    dpo_loss,
     generalized_jsd,
+    make_dpo_loss_fn,
     make_loss_fn,
     masked_mean,
     objective,
     reverse_kl,
+    sequence_logprobs,
     sparse_kl,
 )
 
@@ -283,3 +286,40 @@ def test_half_precision_logits_are_computed_in_float32(gen):
     out = objective(logits, torch.randint(0, 16, (2, 5), generator=gen), None, t, beta=1.0)
     out.loss.backward()
     assert out.loss.dtype == torch.float32 and logits.grad.dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------- DPO
+
+
+def test_sequence_logprobs_sums_the_response_tokens_hand_computed():
+    # Position t's logits predict the label at t + 1: p(2) under uniform logits is 1/3, then
+    # p(0) under logits log [1, 2, 1] is 1/4; the prompt (-100) and the last position count nothing.
+    logits = torch.tensor([[[0.0, 0.0, 0.0], [0.0, math.log(2.0), 0.0], [5.0, -3.0, 1.0], [9.0, 9.0, 9.0]]])
+    labels = torch.tensor([[IGNORE_INDEX, 2, 0, IGNORE_INDEX]])
+    assert sequence_logprobs(logits, labels).item() == pytest.approx(math.log(1 / 3) + math.log(1 / 4), abs=1e-6)
+
+
+def test_dpo_loss_hand_computed():
+    # beta 0.5: chosen reward 0.5 (-1.0 - -1.5) = 0.25, rejected 0.5 (-2.0 - -1.5) = -0.25,
+    # margin 0.5, loss -log sigmoid(0.5) = log(1 + e^-0.5) = 0.474077; the second pair is the reverse.
+    loss, r_w, r_l = dpo_loss(torch.tensor([-1.0, -2.0]), torch.tensor([-2.0, -1.0]), torch.tensor([-1.5, -1.5]),
+                              torch.tensor([-1.5, -1.5]), beta=0.5)  # fmt: skip
+    assert loss.tolist() == pytest.approx([math.log1p(math.exp(-0.5)), math.log1p(math.exp(0.5))], abs=1e-6)
+    assert r_w.tolist() == pytest.approx([0.25, -0.25]) and r_l.tolist() == pytest.approx([-0.25, 0.25])
+    # The gradient pushes the chosen's log-probability up and the rejected's down, by beta sigmoid(-margin).
+    chosen = torch.tensor([-1.0], requires_grad=True)
+    rejected = torch.tensor([-2.0], requires_grad=True)
+    dpo_loss(chosen, rejected, torch.tensor([-1.5]), torch.tensor([-1.5]), 0.5)[0].sum().backward()
+    s = 1 / (1 + math.exp(0.5))
+    assert chosen.grad.item() == pytest.approx(-0.5 * s) and rejected.grad.item() == pytest.approx(0.5 * s)
+
+
+def test_dpo_loss_fn_at_the_reference_is_log_two_per_pair(gen):
+    # Two pairs (rows 0-1 chosen, 2-3 rejected): with the policy equal to the reference every margin is 0.
+    logits = torch.randn(4, 5, 7, generator=gen)
+    labels = torch.tensor([[IGNORE_INDEX, 1, 2, 3, IGNORE_INDEX], [IGNORE_INDEX, IGNORE_INDEX, 4, 5, 6],
+                           [IGNORE_INDEX, 0, 0, IGNORE_INDEX, IGNORE_INDEX], [IGNORE_INDEX, 6, 5, 4, 3]])  # fmt: skip
+    batch = {"labels": labels, "ref_logps": sequence_logprobs(logits, labels).double(), "loss_units": torch.tensor(2)}
+    out = make_dpo_loss_fn(beta=0.1)(logits, batch)
+    assert out.loss.item() == pytest.approx(2 * math.log(2), abs=1e-6)
+    assert int(out.n_tokens) == 2 and out.parts["accuracy"].item() == 0 and out.parts["margin"].item() == pytest.approx(0, abs=1e-6)

@@ -8,7 +8,8 @@ Students (every `distill/<mode>` that is done), on the held-out split's first
 - `kl_teacher`: KL(p_T || p_S) per response token, when the teacher can serve as an oracle.
 
 Estimates (oracle only): per-token KL(p_T || p_hat), top-1 agreement and teacher-token NLL for
-smoothed one-hot, prior, proxy, the posterior without and with the teacher's logprob evidence,
+smoothed one-hot, prior, proxy (with `proxy.align: sft+dpo`, the DPO proxy, and the SFT proxy
+it started from as `proxy (sft)`), the posterior without and with the teacher's logprob evidence,
 and the control lambda * one-hot + (1 - lambda) *
 proxy (best lambda), in two settings: `train` (training positions; the prior's counts include
 the scored sequence, as when the student trains) and `heldout` (their counts are excluded).
@@ -37,7 +38,8 @@ from bayeskd.errors import BayeskdError
 from bayeskd.estimate import load_prior, record_evidence, topk_targets, update
 from bayeskd.evidence import EvidenceMapper
 from bayeskd.models import load_causal_lm
-from bayeskd.report import ESTIMATES, comparison_table, write_report
+from bayeskd.stages.proxy import proxy_model
+from bayeskd.report import SFT_PROXY, comparison_table, estimate_names, write_report
 
 
 def _oracle(cfg: Config, corpus: TokenizedCorpus):
@@ -124,7 +126,9 @@ def score_estimates(cfg: Config, run: Run, corpus: TokenizedCorpus, teacher, hel
     Held-out, also the black-box NLL of the estimates that do not contain the scored token,
     next to their oracle KL, and how well the two agree on their order (`blackbox`)."""
     prior = load_prior(cfg, run)
-    proxy = load_causal_lm(str(run.output("proxy", "final")))
+    proxy = load_causal_lm(str(proxy_model(cfg, run)))
+    # With proxy.align sft+dpo, `proxy` is the DPO one; the SFT proxy it started from is scored beside it.
+    sft = load_causal_lm(str(run.output("proxy", "final"))) if cfg.proxy.align == "sft+dpo" else None
     vocab, p = len(corpus.tokenizer), cfg.posterior
     indices = corpus.indices("heldout" if heldout else "train")
     mapper = EvidenceMapper(corpus.tokenizer) if p.use_logprobs else None
@@ -134,7 +138,8 @@ def score_estimates(cfg: Config, run: Run, corpus: TokenizedCorpus, teacher, hel
     for rb in corpus.batches(indices, cfg.eval.batch_size, f"eval: fidelity ({'heldout' if heldout else 'train'})"):
         if positions >= cfg.eval.fidelity_positions:
             break
-        for row, y, zt, zp in zip(rb.rows, rb.labels(), rb.logits(teacher), rb.logits(proxy)):
+        z_sft = rb.logits(sft) if sft is not None else [None] * len(rb.rows)
+        for row, y, zt, zp, zs in zip(rb.rows, rb.labels(), rb.logits(teacher), rb.logits(proxy), z_sft):
             y = y.numpy()
             ids = np.asarray(row["input_ids"])
             ctx = ngram.contexts(ids[: len(ids) - len(y)], y, prior.order, vocab)
@@ -150,6 +155,8 @@ def score_estimates(cfg: Config, run: Run, corpus: TokenizedCorpus, teacher, hel
             estimates = {"one-hot": M.smoothed_one_hot(y, vocab, cfg.eval.one_hot_eps), "prior": p_prior,
                          "proxy": p_proxy, "posterior-no-logprobs": bare,
                          "posterior": bare if ev is None else D.apply_evidence(bare, every, *ev)}  # fmt: skip
+            if zs is not None:
+                estimates[SFT_PROXY] = torch.softmax(zs / p.proxy_temperature, -1).double().numpy()
             if heldout and ev is not None:  # the API's top-k without the sampled token's own logprob
                 ev = record_evidence(mapper, record, corpus.tokenizer, cfg.data.template, len(y), p.top_logprobs, False)
                 estimates["posterior (top-k only)"] = D.apply_evidence(bare, every, *ev)
@@ -166,7 +173,7 @@ def score_estimates(cfg: Config, run: Run, corpus: TokenizedCorpus, teacher, hel
             positions += len(y)
     if positions == 0:
         return {}
-    out = {name: _means(acc, name) for name in (*ESTIMATES, *_covering(acc, TOPK_ONLY)) if "+" not in name}
+    out = {name: _means(acc, name) for name in (*estimate_names(acc), *_covering(acc, TOPK_ONLY)) if "+" not in name}
     for name in ("one-hot+proxy", "one-hot+posterior"):  # the controls, at their best lambda
         best = min(cfg.eval.control_lambdas, key=lambda lam: _means(acc, f"{name}@{lam}")["kl"])
         out[name] = {**_means(acc, f"{name}@{best}"), "lambda": best}
@@ -199,7 +206,8 @@ def _blackbox(acc: dict) -> dict:
 
     Where the top-k only posterior was not scored at every position (records without logprobs),
     it is left out, so that all rows cover the same positions."""
-    names = ["prior", "proxy", "posterior-no-logprobs", *_covering(acc, TOPK_ONLY)]
+    names = ["prior", "proxy", *([SFT_PROXY] if f"{SFT_PROXY}/kl" in acc else []), "posterior-no-logprobs",
+             *_covering(acc, TOPK_ONLY)]
     rows = {n: {"nll": m["nll"], "kl": m["kl"]} for n in names for m in [_means(acc, n)]}
     tau = blackbox.kendall_tau([r["nll"] for r in rows.values()], [r["kl"] for r in rows.values()])
     return {"estimates": rows, "kendall_tau": tau}

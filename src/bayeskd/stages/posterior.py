@@ -26,12 +26,13 @@ from bayeskd.corpus import TokenizedCorpus, load_corpus
 from bayeskd.estimate import TARGET_SETS, estimate, load_prior, record_evidence, topk_targets
 from bayeskd.evidence import EvidenceMapper
 from bayeskd.models import check_same_tokenizer, load_causal_lm
+from bayeskd.stages.proxy import proxy_model
 from bayeskd.targets import TargetStore, TargetWriter
 
 
 def run_posterior(cfg: Config, run: Run, force: bool = False) -> dict | None:
     corpus = load_corpus(cfg, run)
-    proxy_dir = run.output("proxy", "final")
+    proxy_dir = proxy_model(cfg, run)
     check_same_tokenizer(str(proxy_dir), cfg.student_model, corpus.tokenizer_fp, "proxy")
     stage_cfg = {
         "posterior": asdict(cfg.posterior),

@@ -337,9 +337,10 @@ def run_probe(cfg: Config, run: Run, force: bool = False) -> dict | None:
     if out is None:
         return None
     from bayeskd.models import load_causal_lm
+    from bayeskd.stages.proxy import proxy_model
 
     cfg = blackbox.effective(cfg, run)  # the posterior's fitted values, when posterior.fit chose them
-    prober = Prober(cfg, corpus, load_prior(cfg, run), load_causal_lm(str(run.output("proxy", "final"))), source,
+    prober = Prober(cfg, corpus, load_prior(cfg, run), load_causal_lm(str(proxy_model(cfg, run))), source,
                     cfg.teacher.key_name)  # fmt: skip
     store = ResponseStore(out / "store", flush_every=cfg.collect.flush_every)
     budget = Budget(Ledger(price=cfg.collect.price), p.budget_tokens)  # what this run spends, replayed answers included
