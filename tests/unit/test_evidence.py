@@ -187,3 +187,15 @@ def test_mapped_probabilities_never_exceed_one(teacher_tok, student_tok):
         assert ((ids >= 0) == (probs > 0)).all()
     s = mapper.summary()
     assert s["positions_with_evidence"] > 0 and s["straddles"] > 0 and s["positions_inside_teacher_token"] > 0
+
+
+def test_a_continuation_counts_its_first_student_token_only_once_settled(student_tok):
+    """probe: the teacher's continuation after a prefix, in the student's tokens."""
+    s = student_tok
+    m = EvidenceMapper(s)
+    assert m.word_start("the cat sat", 5) == 3 and m.word_start("the cat sat", 3) == 3 and m.word_start("the", 0) == 0
+    assert m.first_after("the", " cat sat", complete=False) == first(s, " cat")  # the word " cat" ended: settled
+    assert pieces(s, " ca") != [" cat"]
+    assert m.first_after("the", " ca", complete=False) == -1  # cut inside the word: " cat"? " car"? not counted
+    assert m.first_after("the", " ca", complete=True) == first(s, " ca")  # the turn ended there: what it is
+    assert m.first_after("the c", "at sat", complete=False) == -1  # the student reads " cat": no token starts at "a"
