@@ -165,6 +165,7 @@ class EvidenceMapper:
         c, i = rec.offsets[k], rec.index[k]
         if a != c and a >= rec.next_start(k):  # after the aligned text
             return {}
+        b = min(b, len(rec.text))  # a special token after the text (the end of the turn) spans none of it
         mass: dict[int, float] = {}
         if a == c:
             self._credit(rec, k, "", 1.0, b, mass, MAX_STRADDLE)

@@ -199,3 +199,12 @@ def test_a_continuation_counts_its_first_student_token_only_once_settled(student
     assert m.first_after("the", " ca", complete=False) == -1  # cut inside the word: " cat"? " car"? not counted
     assert m.first_after("the", " ca", complete=True) == first(s, " ca")  # the turn ended there: what it is
     assert m.first_after("the c", "at sat", complete=False) == -1  # the student reads " cat": no token starts at "a"
+
+
+def test_the_end_of_turn_token_after_the_text_is_no_straddle(student_tok):
+    """The chat template's end-of-turn token spans characters after the text: it is still the EOS position."""
+    s = student_tok
+    text = "the"
+    tokens = teacher_tokens(["the", "<|im_end|>"], [{"the": 0.9}, {"<|im_end|>": 0.8, " cat": 0.15}])
+    got = as_dicts(*EvidenceMapper(s).evidence(text, tokens, [(0, 3), (3, 3 + len("<|im_end|>"))]))
+    assert got[1] == pytest.approx({s.eos_token_id: 0.8, first(s, " cat"): 0.15})
