@@ -4,8 +4,9 @@ benchmark's corpus: does the Bayesian estimate still beat what a user would pick
     HF_HUB_OFFLINE=1 python bench/xtok.py [--config bench/xtok.yaml] [--seeds 0 1 2] [--out bench/out/xtok]
         [key=value ...]
 
-1. `collect`: the embedded teacher (SmolLM2-135M-Instruct, a 49k-token BPE) answers the 323
-   built-in prompts twice, 48 tokens, with its top-20 logprobs (bench/regimes.yaml's corpus).
+1. `collect`: the embedded teacher (SmolLM2-135M-Instruct, a 49k-token BPE) answers the first
+   160 built-in prompts twice, 48 tokens, with its top-20 logprobs (bench/regimes.yaml's corpus
+   settings; `collect.limit=null` asks all 323).
 2. `bayeskd student`: a 4096-token byte-level BPE trained on the training split's text and a
    fresh 4-layer Llama on it (the proxy; the students keep 2 of its layers). Nothing starts from
    the teacher's weights or vocabulary.
