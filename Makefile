@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 export BAYESKD_CACHE ?= $(CURDIR)/.cache/bayeskd
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test clean
+.PHONY: setup demo xtok test clean
 
 $(BIN)/activate: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,15 @@ setup: $(BIN)/activate
 demo: setup
 	$(BIN)/bayeskd run --config configs/quickstart.yaml
 
+# A student whose tokenizer is not the teacher's (configs/cross-tokenizer.yaml): collect, build the
+# student's tokenizer and model from the training text (once), then every stage.
+xtok: setup
+	$(BIN)/bayeskd collect --config configs/cross-tokenizer.yaml
+	test -f models/xtok/config.json || $(BIN)/bayeskd student --config configs/cross-tokenizer.yaml
+	$(BIN)/bayeskd run --config configs/cross-tokenizer.yaml
+
 test: setup
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) .cache runs
+	rm -rf $(VENV) .cache runs models

@@ -182,13 +182,13 @@ def scaling(args, cfg, base: Path, first: int, overrides: list[str]) -> list[dic
     return results
 
 
-def summarise(per_seed: dict[int, dict]) -> dict:
-    """mean, sample std, min, max over seeds of each student's fields."""
+def summarise(per_seed: dict[int, dict], fields: tuple[str, ...] = STUDENT_FIELDS) -> dict:
+    """mean, sample std, min, max over seeds of each student's `fields`."""
     out: dict = {}
     students = sorted({m for s in per_seed.values() for m in s}, key=_student_order)
     for mode in students:
         out[mode] = {"seeds": sorted(s for s in per_seed if mode in per_seed[s])}
-        for f in STUDENT_FIELDS:
+        for f in fields:
             vals = [per_seed[s][mode][f] for s in per_seed if mode in per_seed[s] and per_seed[s][mode].get(f) is not None]
             if vals:
                 out[mode][f] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,

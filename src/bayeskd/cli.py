@@ -35,6 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--verify", action="store_true", help=verify)
     add("serve", "serve teacher.model (a local model) as an OpenAI-compatible API on serve.host:serve.port")
     add("config", "print the resolved config")
+    sp = add("student", "build a tokenizer (trained on the run's training text) and a fresh model at distill.train.model")
+    sp.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary, special tokens included")
+    sp.add_argument("--hidden-size", type=int, default=128)
+    sp.add_argument("--layers", type=int, default=4, help="the proxy's depth; the student keeps distill.train.init_layers")
+    sp.add_argument("--heads", type=int, default=4)
+    sp.add_argument("--force", action="store_true", help="overwrite a model already there")
     return p
 
 
@@ -66,6 +72,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
 
     from bayeskd.artifacts import Run, writing
+
+    if args.command == "student":
+        from bayeskd.student import build_student
+
+        summary = build_student(cfg, Run(cfg.run_dir), args.vocab_size, args.hidden_size, args.layers, args.heads, args.force)
+        _report("student", Run(cfg.run_dir), summary)
+        return 0
     from bayeskd.lock import RunLock, describe
     from bayeskd.stages import STAGES, stage
 

@@ -493,8 +493,12 @@ class ProbeConfig:
     samples: int = 16
     """Samples per query (the request's `n`): the prompt is paid once for all of them."""
     max_tokens: int = 1
-    """Tokens per prefix sample; the first student token of the continuation is counted. 1 is exact
-    when teacher and student share a tokenizer; use a few when they may not."""
+    """Tokens per prefix sample. 1: the continuation's first student token is counted, exact when
+    teacher and student share a tokenizer. More (use about 4 when they do not): the teacher is asked
+    from the start of the position's word (so that the prefix does not end inside one of its
+    tokens), samples that do not rewrite the realised text up to the position are left out, and the
+    student token there is counted only once the continuation has run past its word or ended the
+    turn (the summary's `samples_not_counted` are the others)."""
     round_size: int = 32
     """Queries per round; the acquisition scores are recomputed between rounds."""
     max_queries_per_position: int = 4

@@ -183,26 +183,13 @@ def load_causal_lm(
     return model.to(device).eval()
 
 
-def build_tiny(
-    folder: str | Path,
-    texts: list[str],
-    vocab_size: int = 384,
-    hidden_size: int = 16,
-    num_layers: int = 2,
-    num_heads: int = 2,
-    seed: int = 0,
-) -> Path:
-    """Build a tiny Llama with a byte-level BPE tokenizer trained on `texts`, and save it.
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on `texts`, with ChatML's special tokens and template.
 
-    For tests and demos: a real causal LM and a real tokenizer (ChatML template), built from
-    config in seconds. The result loads with `from_pretrained(folder)` like any model.
-    """
-    import torch
+    Byte-level: every string has a tokenization (no unknown token), as in GPT-2 and SmolLM2."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -222,6 +209,30 @@ def build_tiny(
         pad_token="<|im_end|>",
     )
     tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def build_tiny(
+    folder: str | Path,
+    texts: list[str],
+    vocab_size: int = 384,
+    hidden_size: int = 16,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    seed: int = 0,
+) -> Path:
+    """Build a tiny Llama with a byte-level BPE tokenizer trained on `texts`, and save it.
+
+    For tests and demos (and `bayeskd student`, a student whose tokenizer is not the teacher's):
+    a real causal LM and a real tokenizer (ChatML template), built from config in seconds,
+    randomly initialised. The result loads with `from_pretrained(folder)` like any model.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer(texts, vocab_size)
     tok.save_pretrained(folder)
 
     torch.manual_seed(seed)

@@ -21,8 +21,11 @@ from bayeskd.models import check_same_tokenizer, load_causal_lm
 from bayeskd.targets import TargetStore, TargetWriter
 
 
-def load_oracle(cfg: Config, student_fp: str):
-    """The teacher as an open model, or a clear error saying why there is none."""
+def load_oracle(cfg: Config, student_fp: str | None):
+    """The teacher as an open model, or a clear error saying why there is none.
+
+    `student_fp`: refuse a teacher whose tokenizer is not the student's (token-level targets and
+    KLs need one vocabulary); None: any tokenizer (`eval`'s next-byte measure needs none)."""
     model = oracle_model(cfg)
     if model is None:
         raise BayeskdError(
@@ -30,7 +33,8 @@ def load_oracle(cfg: Config, student_fp: str):
             "for a closed one) or eval.oracle_model (the open model behind a served teacher); a closed "
             "API has no oracle"
         )
-    check_same_tokenizer(model, cfg.student_model, student_fp, "oracle teacher")
+    if student_fp is not None:
+        check_same_tokenizer(model, cfg.student_model, student_fp, "oracle teacher")
     return load_causal_lm(model, dtype=cfg.teacher.dtype, device=cfg.teacher.device)
 
 

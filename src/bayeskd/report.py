@@ -29,11 +29,16 @@ def estimate_names(scored) -> list[str]:
 
 
 def comparison_table(metrics: dict) -> str:
-    rows = ["| student | bpb | KL to teacher | ROUGE-L | accuracy |", "|---|---|---|---|---|"]
+    byte = any("kl_teacher_byte" in s for s in metrics["students"].values())
+    rows = ["| student | bpb | KL to teacher |" + (" next-byte KL |" if byte else "") + " ROUGE-L | accuracy |",
+            "|---|---|---|" + ("---|" if byte else "") + "---|---|"]  # fmt: skip
     for mode, s in metrics["students"].items():
         acc = "-" if s.get("accuracy") is None else f"{s['accuracy']:.3f}"
         kl = f"{s['kl_teacher']:.3f}" if "kl_teacher" in s else "-"
-        rows.append(f"| {mode} | {s['bpb']:.4f} | {kl} | {s['rouge_l']:.3f} | {acc} |")
+        kb = (f" {s['kl_teacher_byte']:.4f} |" if "kl_teacher_byte" in s else " - |") if byte else ""
+        rows.append(f"| {mode} | {s['bpb']:.4f} | {kl} |{kb} {s['rouge_l']:.3f} | {acc} |")
+    if metrics.get("skipped"):
+        rows += ["", f"Skipped: {metrics['skipped']}."]
     return "\n".join(rows)
 
 

@@ -5,7 +5,12 @@ Students (every `distill/<mode>` that is done), on the held-out split's first
 - `bpb`: the teacher's responses' NLL under the student, in bits per UTF-8 byte of the text;
 - `rouge_l`: greedy generations against the teacher's responses; `accuracy`: exact match on
   prompts with checkable answers;
-- `kl_teacher`: KL(p_T || p_S) per response token, when the teacher can serve as an oracle.
+- `kl_teacher`: KL(p_T || p_S) per response token, when the teacher can serve as an oracle and
+  shares the student's tokenizer;
+- `kl_teacher_byte`: KL(p_T || p_S) of the next byte at the offsets where both tokenizations
+  start a token (`nextbyte`), with any oracle: the fidelity measure that stays defined when the
+  tokenizers differ (then the per-token KL and the estimates' fidelity are skipped, and
+  `metrics.json` says so under `skipped`).
 
 Estimates (oracle only): per-token KL(p_T || p_hat), top-1 agreement and teacher-token NLL for
 smoothed one-hot, prior, proxy (with `proxy.align: sft+dpo`, the DPO proxy, and the SFT proxy
@@ -21,7 +26,7 @@ Writes `eval/metrics.json` and `eval/report.md` with plots.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -29,47 +34,89 @@ import torch
 from bayeskd import blackbox
 from bayeskd import distributions as D
 from bayeskd import metrics as M
-from bayeskd import ngram
+from bayeskd import nextbyte, ngram
 from bayeskd.answers import is_correct
 from bayeskd.artifacts import Run, write_json_atomic
 from bayeskd.config import Config
 from bayeskd.corpus import TokenizedCorpus, load_corpus
 from bayeskd.errors import BayeskdError
-from bayeskd.estimate import load_prior, record_evidence, topk_targets, update
+from bayeskd.estimate import load_prior, record_evidence, response_spans, topk_targets, update
 from bayeskd.evidence import EvidenceMapper
-from bayeskd.models import load_causal_lm
+from bayeskd.models import load_causal_lm, load_tokenizer, tokenizer_fingerprint
 from bayeskd.stages.proxy import proxy_model
 from bayeskd.report import SFT_PROXY, comparison_table, estimate_names, write_report
 
 
-def _oracle(cfg: Config, corpus: TokenizedCorpus):
+CROSS_VOCAB = (
+    "the teacher's tokenizer is not the student's: KL(teacher || student) per token and the estimates' "
+    "fidelity (per-token KL, top-1, by position) are undefined across vocabularies and skipped; the "
+    "next-byte KL (`kl_teacher_byte`), bits per byte, ROUGE-L and accuracy are reported"
+)
+
+
+@dataclass
+class Oracle:
+    """The teacher as an open model (evaluator only), its tokenizer, and whether that is the student's."""
+
+    model: object
+    tokenizer: object
+    same_tokenizer: bool
+
+
+def _oracle(cfg: Config, corpus: TokenizedCorpus) -> Oracle | None:
     if not cfg.eval.oracle:
         return None
-    from bayeskd.oracle import load_oracle
+    from bayeskd.oracle import load_oracle, oracle_model
 
     try:
-        return load_oracle(cfg, corpus.tokenizer_fp)
+        model = load_oracle(cfg, None)
     except BayeskdError as e:
         print(f"eval: no oracle ({e}); teacher KL and fidelity are skipped")
         return None
+    tok = load_tokenizer(oracle_model(cfg))
+    same = tokenizer_fingerprint(tok) == corpus.tokenizer_fp
+    if not same:
+        print(f"eval: {CROSS_VOCAB}")
+    return Oracle(model, tok, same)
 
 
-def score_students(cfg: Config, corpus: TokenizedCorpus, students: dict, teacher, indices: list[int]) -> dict:
-    """bpb, NLL, ROUGE-L, accuracy and (with an oracle `teacher`) KL(p_T || p_S) of each student on `indices`."""
+def score_students(cfg: Config, corpus: TokenizedCorpus, students: dict, oracle: Oracle | None, indices: list[int]) -> dict:
+    """bpb, NLL, ROUGE-L, accuracy and, with an oracle, KL(p_T || p_S) per token (one tokenizer only)
+    and per next byte (any tokenizers: `nextbyte`) of each student on `indices`."""
     temp = max(cfg.collect.temperature, 1e-6)
+    teacher = oracle.model if oracle is not None and oracle.same_tokenizer else None
+    firsts = nextbyte.first_bytes(corpus.tokenizer) if oracle is not None else None
+    t_firsts = nextbyte.first_bytes(oracle.tokenizer) if oracle is not None else None
     sums: dict[str, dict] = {m: defaultdict(float) for m in students}
-    n_bytes = n_tokens = 0
+    n_bytes = n_tokens = shared = 0
     for rb in corpus.batches(indices, cfg.eval.batch_size, "eval: students"):
         labels = rb.labels()
         n_bytes += sum(len(corpus.records[r["index"]]["text"].encode()) for r in rb.rows)
         n_tokens += sum(len(x) for x in labels)
         zt = rb.logits(teacher) if teacher is not None else None
+        boundaries = []  # per row: (student positions, teacher next-byte dists) at the offsets both start a token at
+        if oracle is not None:
+            for row, y in zip(rb.rows, labels):
+                record = corpus.records[row["index"]]
+                t_bytes = nextbyte.teacher_next_bytes(record, oracle.model, oracle.tokenizer, t_firsts, temp)
+                spans = response_spans(record, corpus.tokenizer, cfg.data.template, len(y))
+                pos, seen = [], set()
+                for j, (a, _) in enumerate(spans):
+                    if a in t_bytes and a not in seen:
+                        pos.append(j)
+                        seen.add(a)
+                boundaries.append((pos, np.stack([t_bytes[spans[j][0]] for j in pos]) if pos else None))
+                shared += len(pos)
         for mode, model in students.items():
             for b, z in enumerate(rb.logits(model)):
                 sums[mode]["nll"] += float(M.token_nll(z, labels[b]).sum())
                 if zt is not None:
                     p_t = torch.softmax(zt[b] / temp, -1)
                     sums[mode]["kl"] += float(M.kl_dense(p_t, torch.softmax(z, -1)).sum())
+                if boundaries and boundaries[b][0]:
+                    pos, t_dist = boundaries[b]
+                    s_dist = nextbyte.next_byte(torch.softmax(z[pos].float(), -1), firsts)
+                    sums[mode]["kl_byte"] += float(M.kl_dense(t_dist, s_dist).sum())
     out = {}
     for mode, model in students.items():
         gen = _generate(cfg, corpus, model, indices)
@@ -77,6 +124,8 @@ def score_students(cfg: Config, corpus: TokenizedCorpus, students: dict, teacher
             "bpb": M.bits_per_byte(sums[mode]["nll"], n_bytes),
             "nll_per_token": sums[mode]["nll"] / max(n_tokens, 1),
             **({"kl_teacher": sums[mode]["kl"] / max(n_tokens, 1)} if teacher is not None else {}),
+            **({"kl_teacher_byte": sums[mode]["kl_byte"] / max(shared, 1), "byte_positions": shared,
+                "share_positions_shared": shared / max(n_tokens, 1)} if oracle is not None else {}),  # fmt: skip
             **gen,
             "tokens": n_tokens,
             "prompts": len({corpus.dataset[i]["prompt_id"] for i in indices}),
@@ -237,15 +286,17 @@ def run_eval(cfg: Config, run: Run, force: bool = False) -> dict | None:
     heldout = corpus.indices("heldout")[: cfg.eval.max_examples]
     if not heldout:
         raise BayeskdError("no held-out example: raise data.heldout_fraction or collect more prompts")
-    teacher = _oracle(cfg, corpus)
+    oracle = _oracle(cfg, corpus)
     students = {m: load_causal_lm(str(run.output(f"distill/{m}", "final"))) for m in done}  # checked against its manifest
-    metrics = {"students": score_students(cfg, corpus, students, teacher, heldout), "estimates": {}}
+    metrics = {"students": score_students(cfg, corpus, students, oracle, heldout), "estimates": {}}
     if "oracle-kd" in metrics["students"]:
         metrics["students"]["oracle-kd"]["note"] = "upper bound: trained on the true teacher distribution"
-    if cfg.eval.estimates and teacher is not None and run.manifest("posterior"):
+    if oracle is not None and not oracle.same_tokenizer:
+        metrics["skipped"] = CROSS_VOCAB
+    elif cfg.eval.estimates and oracle is not None and run.manifest("posterior"):
         fitted = blackbox.effective(cfg, run)  # the estimates as the posterior made them
         metrics["estimates"] = {
-            setting: score_estimates(fitted, run, corpus, teacher, heldout=setting == "heldout")
+            setting: score_estimates(fitted, run, corpus, oracle.model, heldout=setting == "heldout")
             for setting in ("train", "heldout")
         }
     write_json_atomic(out / "metrics.json", metrics)

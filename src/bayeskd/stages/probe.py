@@ -112,6 +112,7 @@ class Prober:
                 self.uncovered[self.starts[r] : self.starts[r + 1]] = np.clip(1 - ev[1].sum(1), 0, 1)
         self.prompt_len = np.array([len(a) - n for a, n in zip(data["input_ids"], n_resp)])
         self.counts: dict[int, Counter] = {}
+        self.uncounted = 0  # samples whose first student token at their position is not settled (or not there)
         self.n_t = np.zeros(len(self.tokens))
         self.n_queries = np.zeros(len(self.tokens), dtype=np.int64)
         self.rng = np.random.default_rng(p.seed)
@@ -139,8 +140,13 @@ class Prober:
         return self._evidence[r]
 
     def prefix(self, g: int) -> str:
+        """What the teacher is asked to continue for position g: the response before it, cut back to
+        the start of its word when `probe.max_tokens` > 1 (see `absorb_prefix`)."""
         r, t = int(self.row_of[g]), int(self.t_of[g])
-        return self.record(r)["text"][: max(0, self.spans(r)[t][0])]
+        text, a = self.record(r)["text"], max(0, self.spans(r)[t][0])
+        if self.cfg.probe.max_tokens > 1:
+            a = self.mapper.word_start(text, a)
+        return text[:a]
 
     # ---------------------------------------------------------------- choosing
 
@@ -187,13 +193,37 @@ class Prober:
         return Ask(request, (key,), {"prompt_id": prompt_id})
 
     def student_token(self, text: str, finish: str) -> int:
-        """The first student token of a continuation; the end of the turn when it stopped at once."""
+        """The first student token of a one-token continuation; the end of the turn when it stopped at once."""
         if text:
             return self.mapper.student_first(text)[0]
         return self.tok.eos_token_id if finish == "stop" else PAD
 
+    def continued_token(self, g: int, asked: str, text: str, finish: str) -> int:
+        """The first student token at position g of a continuation of `asked` (a prefix of g's own).
+
+        The teacher was asked from the start of g's word, so that its prefix does not end inside one
+        of its tokens (where its next-token distribution is not the text's); a sample that does not
+        rewrite the realised text up to g is not a sample at g and is left out (rejection: the kept
+        ones are draws from the teacher's distribution given the whole prefix). The student token
+        after the prefix is counted once it is settled (`EvidenceMapper.first_after`)."""
+        r, t = int(self.row_of[g]), int(self.t_of[g])
+        realised = self.record(r)["text"]
+        a = max(0, self.spans(r)[t][0])
+        bridge = realised[len(asked) : a]
+        if not text.startswith(bridge):
+            return PAD
+        rest = text[len(bridge) :]
+        if not rest:
+            return self.tok.eos_token_id if finish == "stop" else PAD
+        return self.mapper.first_after(realised[:a], rest, finish == "stop")
+
     def absorb_prefix(self, g: int, samples: list[dict]) -> list[int]:
-        ids = [self.student_token(s["text"], s["finish_reason"]) for s in samples]
+        if self.cfg.probe.max_tokens > 1:
+            asked = self.prefix(g)
+            ids = [self.continued_token(g, asked, s["text"], s["finish_reason"]) for s in samples]
+        else:
+            ids = [self.student_token(s["text"], s["finish_reason"]) for s in samples]
+        self.uncounted += sum(i == PAD for i in ids)
         self._count(g, [i for i in ids if i != PAD])
         self.n_queries[g] += 1
         return [g]
@@ -370,6 +400,7 @@ def run_probe(cfg: Config, run: Run, force: bool = False) -> dict | None:
         "positions_probed": int((prober.n_t > 0).sum()),
         "share_of_training_positions": float((prober.n_t[train] > 0).mean()) if train.any() else 0.0,
         "teacher_samples": int(prober.n_t.sum()),
+        "samples_not_counted": int(prober.uncounted),
         "mean_entropy_before": float(prober.entropy_before[train].mean()) if train.any() else 0.0,
         "mean_entropy_after": float(prober.entropy[train].mean()) if train.any() else 0.0,
     }
