@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 from pathlib import Path
 
-from claim import ROOT, STUDENT_FIELDS, bayeskd, summarise, write_record  # bench/claim.py, beside this script
+from claim import STUDENT_FIELDS, bayeskd, load_bench_config, summarise, write_record  # bench/claim.py, beside this script
 from regimes import link_stages  # bench/regimes.py
 
 SHARED = ("collect", "prior", "proxy")
@@ -121,13 +119,8 @@ def main() -> None:
     parser.add_argument("--out", default="bench/out/align")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides for every run (after DPO's)")
     args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sys.path.insert(0, str(ROOT / "src"))
-    from bayeskd.config import load_config
-
     overrides = ["run_dir=runs/align/base", *DPO, *SIZE, *args.overrides]
-    cfg = load_config(args.config, overrides)
-    base = Path(cfg.run_dir) if Path(cfg.run_dir).is_absolute() else ROOT / cfg.run_dir
+    cfg, base = load_bench_config(args.config, overrides)
     started = time.perf_counter()
     for stage in SHARED:  # the base builds both proxies: the SFT one, then DPO from it
         bayeskd(stage, "--config", args.config, *overrides, "proxy.align=sft+dpo")

@@ -39,6 +39,17 @@ SHARED_STAGES = ("collect", "prior", "proxy", "posterior", "oracle")
 STUDENT_FIELDS = ("bpb", "kl_teacher", "rouge_l", "accuracy")
 
 
+def load_bench_config(path: str, overrides: list[str]):
+    """A benchmark's config (offline, this checkout's bayeskd) and its base run folder, absolute."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.path.insert(0, str(ROOT / "src"))
+    from bayeskd.config import load_config
+
+    cfg = load_config(path, overrides)
+    base = Path(cfg.run_dir)
+    return cfg, base if base.is_absolute() else ROOT / base
+
+
 def bayeskd(*args: str) -> None:
     cmd = [sys.executable, "-m", "bayeskd.cli", *args]
     print("$ bayeskd " + " ".join(args), flush=True)
@@ -289,15 +300,11 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], choices=["trl", "scaling"])
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides for every run")
     args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sys.path.insert(0, str(ROOT / "src"))
+    overrides = [f"teacher.base_url=http://127.0.0.1:{args.port}/v1", *args.overrides]
+    cfg, base = load_bench_config(args.config, overrides)
     from bayeskd.config import load_config
 
-    overrides = [f"teacher.base_url=http://127.0.0.1:{args.port}/v1", *args.overrides]
-    cfg = load_config(args.config, overrides)
-    base, first = Path(cfg.run_dir), args.seeds[0]
-    if not base.is_absolute():
-        base = ROOT / base
+    first = args.seeds[0]
     started = time.perf_counter()
     with Server(cfg.eval.oracle_model or cfg.teacher.model, args.port):
         run_seed(args, base, first, first, overrides)  # collect happens here, over HTTP

@@ -35,13 +35,11 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import random
-import sys
 import time
 from pathlib import Path
 
-from claim import ROOT, bayeskd, write_record  # bench/claim.py, beside this script
+from claim import ROOT, bayeskd, load_bench_config, write_record  # bench/claim.py, beside this script
 from regimes import link_stages  # bench/regimes.py
 
 POOL_SEED = 20261202
@@ -124,11 +122,11 @@ def grow_collect(args, cfg, base: Path, pool_size: int, sizes: list[int], reache
     """Collect `--chunk` more prompts at a time until the training split holds the largest size;
     `reached(size)` as soon as it holds each (a frozen copy that a second process may work on)."""
     target = sizes[-1]
-    manifest = base / "collect" / "manifest.json"
-    limit = json.loads(manifest.read_text())["config"]["collect"]["limit"] if manifest.exists() else 0
-    limit = limit or pool_size
+    path = base / "collect" / "manifest.json"
+    manifest = json.loads(path.read_text()) if path.exists() else {}
+    limit = (manifest.get("config", {}).get("collect", {}).get("limit") if manifest else 0) or pool_size
     corpus = base / "collect" / "corpus.jsonl"
-    tokens = train_tokens_by_prompt(cfg, corpus) if corpus.exists() and json.loads(manifest.read_text())["status"] == "done" else []
+    tokens = train_tokens_by_prompt(cfg, corpus) if corpus.exists() and manifest.get("status") == "done" else []
     if not tokens:
         limit = min(limit, args.chunk)
     while True:
@@ -266,8 +264,15 @@ def students_at(args, root: Path, overrides: list[str]) -> dict:
 
 # ---------------------------------------------------------------- the record
 
-FIDELITY_ROWS = ("prior", "proxy", "posterior-no-logprobs", "one-hot+proxy", "one-hot+posterior", "top-k alone",
-                 "posterior (top-k only)", "posterior")  # fmt: skip
+NO_LOGPROBS = ("prior", "proxy", "posterior-no-logprobs", "one-hot+proxy", "one-hot+posterior")  # the same in every regime
+FIDELITY_ROWS = (*NO_LOGPROBS, "top-k alone", "posterior (top-k only)", "posterior")
+
+
+def _value(est: dict, name: str, metric: str) -> float | None:
+    """An estimate's oracle KL (`kl`) or black-box NLL (`nll`, only where it is defined) in one regime's scores."""
+    if metric == "kl":
+        return est.get(name, {}).get("kl")
+    return (est.get("blackbox") or {}).get("estimates", {}).get(name, {}).get("nll")
 
 
 def tables(record: dict) -> str:
@@ -279,12 +284,8 @@ def tables(record: dict) -> str:
             lines += [f"**{title}, API top-{regime[3:]}** (the rows without logprobs are the same in every regime)", "",
                       head, "|---|" + "---|" * len(sizes)]  # fmt: skip
             for name in FIDELITY_ROWS:
-                cells = []
-                for s in sizes:
-                    est = s["regimes"][regime]
-                    bb = (est.get("blackbox") or {}).get("estimates", {})
-                    v = est.get(name, {}).get("kl") if metric == "kl" else bb.get(name, {}).get("nll")
-                    cells.append("-" if v is None else f"{v:.3f}")
+                values = [_value(s["regimes"][regime], name, metric) for s in sizes]
+                cells = ["-" if v is None else f"{v:.3f}" for v in values]
                 if any(c != "-" for c in cells):
                     lines.append(f"| {name} | " + " | ".join(cells) + " |")
             lines.append("")
@@ -319,15 +320,11 @@ def plot(record: dict, out: Path) -> None:
     for ax, metric, title in zip(axes, ("kl", "nll"), ("oracle KL(teacher ‖ estimate)", "black-box held-out NLL")):
         for i, name in enumerate(FIDELITY_ROWS):
             for regime, style in zip(sizes[0]["regimes"], ("-", ":", "--")):
-                if regime != "top5" and name in ("prior", "proxy", "posterior-no-logprobs", "one-hot+proxy", "one-hot+posterior"):
-                    continue  # the same in both regimes
-                ys = []
-                for s in sizes:
-                    est = s["regimes"][regime]
-                    bb = (est.get("blackbox") or {}).get("estimates", {})
-                    ys.append(est.get(name, {}).get("kl") if metric == "kl" else bb.get(name, {}).get("nll"))
+                if regime != "top5" and name in NO_LOGPROBS:
+                    continue  # the same in every regime
+                ys = [_value(s["regimes"][regime], name, metric) for s in sizes]
                 if all(y is not None for y in ys):
-                    label = name if name in ("prior", "proxy", "posterior-no-logprobs", "one-hot+proxy", "one-hot+posterior") else f"{name}, {regime}"
+                    label = name if name in NO_LOGPROBS else f"{name}, {regime}"
                     ax.plot(x, ys, style, marker="o", color=f"C{i}", label=label)
         ax.set(xscale="log", xlabel="training response tokens", ylabel="nats/token", title=title + " (lower is better)")
     axes[0].legend(fontsize=7)
@@ -356,12 +353,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/out/scale")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides for every run")
     args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sys.path.insert(0, str(ROOT / "src"))
-    from bayeskd.config import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    base = ROOT / cfg.run_dir
+    cfg, base = load_bench_config(args.config, args.overrides)
     started = time.perf_counter()
     pool_size = write_pool(ROOT / cfg.collect.prompts, cfg.teacher.model)
     sizes = sorted(args.sizes)

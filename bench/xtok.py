@@ -25,12 +25,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 from pathlib import Path
 
-from claim import ROOT, bayeskd, summarise, write_record  # bench/claim.py, beside this script
+from claim import ROOT, bayeskd, load_bench_config, summarise, write_record  # bench/claim.py, beside this script
 from regimes import link_stages
 
 SHARED = ("collect", "prior", "proxy", "posterior")
@@ -82,13 +80,9 @@ def main() -> None:
     parser.add_argument("--out", default="bench/out/xtok")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides for every run")
     args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sys.path.insert(0, str(ROOT / "src"))
-    from bayeskd.config import load_config
+    cfg, base = load_bench_config(args.config, args.overrides)
     from bayeskd.models import load_tokenizer
 
-    cfg = load_config(args.config, args.overrides)
-    base = Path(cfg.run_dir) if Path(cfg.run_dir).is_absolute() else ROOT / cfg.run_dir
     common = ["--config", args.config, *args.overrides]
     started = time.perf_counter()
     bayeskd("collect", *common)
