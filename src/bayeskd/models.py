@@ -160,16 +160,12 @@ def load_causal_lm(
         config.num_hidden_layers = init_layers
         if getattr(config, "layer_types", None):
             config.layer_types = config.layer_types[:init_layers]
-    if scratch_seed is not None:
-        try:
+    try:
+        if scratch_seed is not None:  # the architecture only: weights drawn from the seed, the global RNG untouched
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(scratch_seed)
                 model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
-        except ValueError as e:
-            raise ModelError(f"model {ref!r} ({config.model_type}) is not a causal language model: {e}") from e
-        return model.to(device).eval()
-    try:
-        if init_layers is None:
+        elif init_layers is None:
             model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=getattr(torch, dtype))
         else:  # the dropped layers' weights are expected leftovers, not a problem to report
             verbosity = hf_logging.get_verbosity()
