@@ -106,18 +106,24 @@ def gather(cfg: Config, corpus: TokenizedCorpus, proxy, split: str = "validation
 
 def posterior_at_y(prior_c: np.ndarray, proxy_c: np.ndarray, kappa: np.ndarray, m: float, pos: Positions) -> np.ndarray:
     """q(y) [P] of the expected update with the API's top-k applied, from values at `pos.cand`."""
-    valid = pos.cand >= 0
     if np.isinf(m):
         post = proxy_c
     else:
         k = kappa[:, None]
         post = (k * prior_c + m * proxy_c) / (k + m)
+    return evidence_at_y(post, pos.cand, pos.ev_probs)
+
+
+def evidence_at_y(post: np.ndarray, cand: np.ndarray, ev_probs: np.ndarray) -> np.ndarray:
+    """q(y) [P] once the API's top-k fix their tokens, from any estimate `post` [P, 1 + E] at
+    `cand` (the realised token, then the evidence ids; PAD where none) and the API's `ev_probs` [P, E]."""
+    valid = cand >= 0
     post = np.where(valid, post, 0.0)
     ev = valid[:, 1:]
-    s_teacher = pos.ev_probs.sum(1)
+    s_teacher = ev_probs.sum(1)
     s_post = post[:, 1:].sum(1)
-    y_in_topk = (pos.cand[:, 1:] == pos.cand[:, :1]) & ev
-    teacher_y = (pos.ev_probs * y_in_topk).sum(1)
+    y_in_topk = (cand[:, 1:] == cand[:, :1]) & ev
+    teacher_y = (ev_probs * y_in_topk).sum(1)
     scale = np.where(ev.any(1), (1.0 - s_teacher) / np.maximum(1.0 - s_post, 1e-12), 1.0)
     return np.where(y_in_topk.any(1), teacher_y, post[:, 0] * scale)
 
