@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
+from claim import open_finished_run  # bench/claim.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,22 +76,11 @@ def main() -> None:
                         help="the proxies to score the grid on (default: every one the run has)")
     parser.add_argument("--out", default="bench/out/ablate")
     args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sys.path.insert(0, str(ROOT / "src"))
+    cfg, run, corpus, teacher = open_finished_run(args.config, args.run)
     from bayeskd import blackbox, ngram
     from bayeskd import distributions as D
     from bayeskd import metrics as M
-    from bayeskd.artifacts import Run
-    from bayeskd.config import load_config
     from bayeskd.models import load_causal_lm
-    from bayeskd.corpus import load_corpus
-    from bayeskd.oracle import load_oracle
-
-    run_dir = ROOT / args.run
-    cfg = load_config(args.config, [f"run_dir={run_dir}"])
-    run = Run(run_dir)
-    corpus = load_corpus(cfg, run)
-    teacher = load_oracle(cfg, corpus.tokenizer_fp)
     has_dpo = (run.manifest("proxy/dpo") or {}).get("status") == "done"
     proxies = args.proxies or ["sft", *(["sft+dpo"] if has_dpo else [])]
     folders = {"sft": ("proxy", "final"), "sft+dpo": ("proxy/dpo", "final")}

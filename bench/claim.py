@@ -50,6 +50,21 @@ def load_bench_config(path: str, overrides: list[str]):
     return cfg, base if base.is_absolute() else ROOT / base
 
 
+def open_finished_run(config: str, run_dir: str):
+    """A finished run read in process, for the benches that score estimates at positions: its
+    config (with run_dir), the Run, the tokenized corpus, and the oracle (the local teacher's true
+    distributions, used only to measure fidelity)."""
+    path = ROOT / run_dir
+    cfg, _ = load_bench_config(config, [f"run_dir={path}"])
+    from bayeskd.artifacts import Run
+    from bayeskd.corpus import load_corpus
+    from bayeskd.oracle import load_oracle
+
+    run = Run(path)
+    corpus = load_corpus(cfg, run)
+    return cfg, run, corpus, load_oracle(cfg, corpus.tokenizer_fp)
+
+
 def bayeskd(*args: str) -> None:
     cmd = [sys.executable, "-m", "bayeskd.cli", *args]
     print("$ bayeskd " + " ".join(args), flush=True)

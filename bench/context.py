@@ -29,11 +29,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
+from claim import open_finished_run  # bench/claim.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 TAUS = (1.0, 1.25)
@@ -221,22 +220,12 @@ def main() -> None:
     parser.add_argument("--positions", type=int, default=600, help="positions per split (validation: fit; held-out: score)")
     parser.add_argument("--out", default="bench/out/context")
     args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sys.path.insert(0, str(ROOT / "src"))
+    cfg, run, corpus, teacher = open_finished_run(args.config, args.run)
     from bayeskd import blackbox, ngram
     from bayeskd import metrics as M
-    from bayeskd.artifacts import Run
-    from bayeskd.config import load_config
-    from bayeskd.corpus import load_corpus
     from bayeskd.models import load_causal_lm
-    from bayeskd.oracle import load_oracle
 
-    run_dir = ROOT / args.run
-    cfg = load_config(args.config, [f"run_dir={run_dir}"])
-    run = Run(run_dir)
-    corpus = load_corpus(cfg, run)
     proxy = load_causal_lm(str(run.output("proxy", "final")))
-    teacher = load_oracle(cfg, corpus.tokenizer_fp)
     table = ngram.NGramTable.load(run.output("prior", "tables"))
     g_val = gather(cfg, corpus, proxy, None, "validation", args.regimes, args.positions, dense=False)
     g_held = gather(cfg, corpus, proxy, teacher, "heldout", args.regimes, args.positions, dense=True)
