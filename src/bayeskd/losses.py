@@ -11,7 +11,8 @@ Conventions, shared by every function here:
   unused slot), `probs` [..., K] and `tail` [...] = 1 - sum(probs), the teacher's mass on every
   other token, kept as one bucket. Ids must be distinct within a position.
 - Per-token functions return [...]; `masked_sum` / `masked_mean` reduce them over response
-  tokens, with optional per-sample ([B]) or per-token ([B, T]) weights.
+  tokens, with optional per-sample ([B]) or per-token ([B, T]) weights. In `objective` the
+  weights scale the KL terms only; the cross-entropy on the teacher's tokens is never weighted.
 - Temperature `tau` divides the student's logits (and a dense teacher's); KL terms are then
   multiplied by tau^2 so that gradient magnitudes do not shrink as tau grows.
 
@@ -338,8 +339,9 @@ def objective(
 
     logits [B, T, V] straight from the model; labels [B, T] aligned with input_ids (-100: no
     target); prior / target sparse targets aligned with the labels (ids / probs [B, T, K],
-    tail [B, T]: the distribution of the token at that label position); weights [B] or [B, T].
-    The causal shift (logits at t predict the label at t+1) happens here.
+    tail [B, T]: the distribution of the token at that label position); weights [B] or [B, T]
+    scale the KL terms (Proxy-KD's per-sample weights), never the CE. The causal shift (logits
+    at t predict the label at t+1) happens here.
 
     Every term goes through one fused autograd function (`_SparseKD`): one logsumexp pass over
     the rows in the forward, one softmax pass writing the gradient in the backward, and O(K)
@@ -378,7 +380,9 @@ def objective(
     loss = z.new_zeros(())
     parts: dict[str, Tensor] = {}
     for name, coef, values in zip(names, coefs, per_token):
-        total, _ = masked_sum(values, row_mask, w)
+        # Weights scale the distillation terms only: CE on the teacher's own tokens is the hard
+        # label every mode keeps whole (Proxy-KD: "hard labels and weighted soft logits").
+        total, _ = masked_sum(values, row_mask, None if name == "ce" else w)
         loss = loss + coef * total
         parts[name] = total.detach()
     return LossOutput(loss, mask.sum(), parts)

@@ -146,12 +146,9 @@ def test_objective_matches_the_composition_of_its_terms(gen):
 
         z, y, mask = logits[:, :-1], labels[:, 1:], labels[:, 1:] != IGNORE_INDEX
         shifted = [SparseDist(*(x[:, 1:] for x in s)) for s in (prior, post)]
-        per_token = (
-            0.6 * F.cross_entropy(z.transpose(1, 2), y.clamp_min(0), reduction="none")
-            + 0.3 * ref_sparse_kl(z, shifted[0], tau)
-            + 0.9 * ref_sparse_kl(z, shifted[1], tau)
-        )
-        expected = (per_token * weights[:, None] * mask).sum()
+        ce = 0.6 * F.cross_entropy(z.transpose(1, 2), y.clamp_min(0), reduction="none")
+        kd = 0.3 * ref_sparse_kl(z, shifted[0], tau) + 0.9 * ref_sparse_kl(z, shifted[1], tau)
+        expected = ((ce + kd * weights[:, None]) * mask).sum()  # the weights scale the KL terms only
         (expected_grad,) = torch.autograd.grad(expected, logits)
         torch.testing.assert_close(out.loss, expected, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
@@ -208,18 +205,40 @@ def test_temperature_divides_logits_and_scales_by_tau_squared(gen):
         torch.testing.assert_close(fn(logits, teacher, tau=tau), tau**2 * fn(logits / tau, teacher / tau))
 
 
-def test_per_sample_and_per_token_weights(gen):
+def test_per_sample_and_per_token_weights_scale_the_kl_only(gen):
     b, t_len, vocab = 3, 6, 15
     logits = torch.randn(b, t_len, vocab, generator=gen, dtype=f64)
     labels = torch.randint(0, vocab, (b, t_len), generator=gen)
     labels[:, :2] = IGNORE_INDEX
+    t = random_targets((b, t_len), vocab, 4, gen)
     w = torch.tensor([0.0, 0.5, 2.0], dtype=f64)
-    per_sample = [objective(logits[i : i + 1], labels[i : i + 1]).loss for i in range(b)]
-    weighted = objective(logits, labels, weights=w)
-    torch.testing.assert_close(weighted.loss, sum(wi * li for wi, li in zip(w, per_sample)))
+    one = [objective(logits[i : i + 1], labels[i : i + 1], None, SparseDist(*(x[i : i + 1] for x in t)), beta=0.7)
+           for i in range(b)]  # fmt: skip
+    weighted = objective(logits, labels, None, t, beta=0.7, weights=w)
+    ce = sum(o.parts["ce"] for o in one)
+    kl = sum(wi * o.parts["target"] for wi, o in zip(w, one))
+    torch.testing.assert_close(weighted.loss, ce + 0.7 * kl)
+    torch.testing.assert_close(weighted.parts["ce"], ce)  # CE on the teacher's tokens is never weighted
     assert int(weighted.n_tokens) == int((labels[:, 1:] != IGNORE_INDEX).sum())  # the mean stays over tokens
     per_token = w[:, None].expand(b, t_len)  # [B, T] weights aligned with the labels give the same
-    torch.testing.assert_close(objective(logits, labels, weights=per_token).loss, weighted.loss)
+    torch.testing.assert_close(objective(logits, labels, None, t, beta=0.7, weights=per_token).loss, weighted.loss)
+    # CE alone ignores the weights altogether.
+    torch.testing.assert_close(objective(logits, labels, weights=w).loss, objective(logits, labels).loss)
+
+
+def test_proxy_kd_weights_leave_the_hard_labels_whole():
+    """A hand-computed case: uniform logits over 4 tokens, two one-token samples weighted [0.1, 1].
+
+    CE per token is log 4; the KL to the one-hot target {token 0: 1} is log 4 as well. Weighting
+    only the KL gives 2 log 4 + 1.1 log 4; weighting both (the old bug) gave 1.1 (2 log 4)."""
+    logits = torch.zeros(2, 2, 4, dtype=f64)
+    labels = torch.tensor([[IGNORE_INDEX, 1], [IGNORE_INDEX, 2]])
+    target = SparseDist(torch.tensor([[[0], [0]]] * 2), torch.ones(2, 2, 1, dtype=f64), torch.zeros(2, 2, dtype=f64))
+    out = objective(logits, labels, None, target, beta=1.0, weights=torch.tensor([0.1, 1.0], dtype=f64))
+    log4 = math.log(4)
+    torch.testing.assert_close(out.parts["ce"], torch.tensor(2 * log4, dtype=f64))
+    torch.testing.assert_close(out.parts["target"], torch.tensor(1.1 * log4, dtype=f64))
+    torch.testing.assert_close(out.loss, torch.tensor(3.1 * log4, dtype=f64))
 
 
 # ----------------------------------------------------------------------------- properties
