@@ -47,15 +47,13 @@ def bayeskd(*args: str) -> None:
 
 def oracle_probs(cfg, corpus, prober) -> np.ndarray:
     """p_T [P, V] (float32) at every response position, from the oracle (this evaluator only)."""
-    import torch
-
-    from bayeskd.oracle import load_oracle, temperature
+    from bayeskd.oracle import load_oracle, teacher_probs
 
     model = load_oracle(cfg, corpus.tokenizer_fp)
     out = np.zeros((len(prober.tokens), len(corpus.tokenizer)), dtype=np.float32)
     for rb in corpus.batches(range(len(corpus.dataset)), 8, "oracle (evaluator)"):
         for r, z in zip(rb.indices, rb.logits(model)):
-            out[prober.starts[r] : prober.starts[r + 1]] = torch.softmax(z / temperature(cfg), -1).numpy()
+            out[prober.starts[r] : prober.starts[r + 1]] = teacher_probs(cfg, z).numpy()
     return out
 
 

@@ -32,12 +32,13 @@ import itertools
 import numpy as np
 import torch
 
+from bayeskd import distributions as D
 from bayeskd import ngram
 from bayeskd.artifacts import Run
 from bayeskd.config import Config
 from bayeskd.corpus import TokenizedCorpus
 from bayeskd.errors import BayeskdError
-from bayeskd.estimate import record_evidence
+from bayeskd.estimate import evidence_in_target, record_evidence, sampling_of
 from bayeskd.evidence import EvidenceMapper
 
 FLOOR = 1e-30
@@ -62,7 +63,9 @@ class Positions:
 
     contexts: np.ndarray  # [P, n-1]
     cand: np.ndarray  # [P, 1 + E]: the realised token, then the API's top-k ids (PAD where none)
-    ev_probs: np.ndarray  # [P, E]: the API's probabilities of those ids (0 where none)
+    ev_probs: dict[float, np.ndarray]  # tau_P -> [P, E]: those ids' probabilities in the sampled
+    #   distribution (0 where none); raw logprobs converted with the proxy at tau_P shaping the
+    #   unlisted mass, as the posterior stage does (`estimate.evidence_in_target`)
     proxy: dict[float, np.ndarray]  # tau_P -> p_P at `cand` [P, 1 + E]
 
 
@@ -77,7 +80,8 @@ def gather(cfg: Config, corpus: TokenizedCorpus, proxy, split: str = "validation
     mapper = EvidenceMapper(corpus.tokenizer) if p.use_logprobs else None
     vocab, width = len(corpus.tokenizer), 21
     taus = sorted(set(p.fit_proxy_temperature) | {p.proxy_temperature})
-    ctx, cand, ev_p, prox = [], [], [], {t: [] for t in taus}
+    sampling = sampling_of(cfg)
+    ctx, cand, ev_p, prox = [], [], {t: [] for t in taus}, {t: [] for t in taus}
     n = 0
     for rb in corpus.batches(indices, p.batch_size, f"posterior: fit ({split})"):
         if n >= p.fit_positions:
@@ -89,29 +93,27 @@ def gather(cfg: Config, corpus: TokenizedCorpus, proxy, split: str = "validation
             ev = record_evidence(mapper, corpus.records[row["index"]], corpus.tokenizer, cfg.data.template, len(y),
                                  p.top_logprobs, sampled=False)  # fmt: skip
             e_ids = np.full((len(y), width), -1, np.int64)
-            e_p = np.zeros((len(y), width))
             if ev is not None:
-                e_ids[:, : ev[0].shape[1]], e_p[:, : ev[1].shape[1]] = ev
+                e_ids[:, : ev[0].shape[1]] = ev[0]
             c = np.concatenate([y[:, None].astype(np.int64), e_ids], 1)
             cand.append(c)
-            ev_p.append(e_p)
             safe = torch.from_numpy(np.where(c >= 0, c, 0))
             for t in taus:
-                prox[t].append(torch.softmax(z / t, -1).gather(1, safe).double().numpy())
+                dense = torch.softmax(z / t, -1)
+                prox[t].append(dense.gather(1, safe).double().numpy())
+                e_p = np.zeros((len(y), width))
+                if ev is not None:
+                    e_p[:, : ev[1].shape[1]] = evidence_in_target(ev, sampling, None if sampling.identity else dense)[1]
+                ev_p[t].append(e_p)
             n += len(y)
     cut = slice(0, p.fit_positions)
-    return Positions(np.concatenate(ctx)[cut], np.concatenate(cand)[cut], np.concatenate(ev_p)[cut],
+    return Positions(np.concatenate(ctx)[cut], np.concatenate(cand)[cut], {t: np.concatenate(v)[cut] for t, v in ev_p.items()},
                      {t: np.concatenate(v)[cut] for t, v in prox.items()})  # fmt: skip
 
 
-def posterior_at_y(prior_c: np.ndarray, proxy_c: np.ndarray, kappa: np.ndarray, m: float, pos: Positions) -> np.ndarray:
-    """q(y) [P] of the expected update with the API's top-k applied, from values at `pos.cand`."""
-    if np.isinf(m):
-        post = proxy_c
-    else:
-        k = kappa[:, None]
-        post = (k * prior_c + m * proxy_c) / (k + m)
-    return evidence_at_y(post, pos.cand, pos.ev_probs)
+def posterior_at_y(prior_c: np.ndarray, kappa: np.ndarray, m: float, tau: float, pos: Positions) -> np.ndarray:
+    """q(y) [P] of the expected update (proxy at temperature tau) with the API's top-k applied, from values at `pos.cand`."""
+    return evidence_at_y(D.expected(prior_c, pos.proxy[tau], kappa, m), pos.cand, pos.ev_probs[tau])
 
 
 def evidence_at_y(post: np.ndarray, cand: np.ndarray, ev_probs: np.ndarray) -> np.ndarray:
@@ -146,7 +148,7 @@ def fit(cfg: Config, corpus: TokenizedCorpus, table: ngram.NGramTable, proxy) ->
         prior_c = prior.prob(pos.contexts, safe)
         kappa = prior.query(pos.contexts, 1).kappa
         for tau, m in itertools.product(sorted(pos.proxy), ms):
-            q = posterior_at_y(prior_c, pos.proxy[tau], kappa, m, pos)
+            q = posterior_at_y(prior_c, kappa, m, tau, pos)
             grid.append({"order": order, "mu": mu, "proxy_temperature": tau, "m": m, "nll": nll(q)})
     best = min(grid, key=lambda g: g["nll"])
     default = {"order": cfg.prior.order, "mu": cfg.prior.mu, "proxy_temperature": p.proxy_temperature, "m": p.m}

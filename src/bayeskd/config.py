@@ -69,6 +69,12 @@ class TeacherConfig:
     """openai: attempts after the first for retryable failures (429, 5xx, timeouts, dropped connections)."""
     backoff_s: float = 1.0
     """openai: first backoff delay; doubles per attempt (with jitter) unless the server sends Retry-After."""
+    logprobs_are: Literal["raw", "sampled"] = "raw"
+    """Which distribution the API's top-k logprobs describe: `raw`, the model's softmax(z) before
+    temperature and top-p (vLLM's default, `bayeskd serve`, the local teacher), or `sampled`, the
+    distribution `collect` sampled from (after collect.temperature and collect.top_p). The estimate
+    targets the sampled one: `raw` logprobs are converted to it (`distributions.to_sampling`);
+    with collect.temperature 1 and top_p 1 the two are the same."""
     device: str = "cpu"
     """local: torch device."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -86,6 +92,8 @@ class TeacherConfig:
         _check(self.max_retries >= 0, f"{path}.max_retries", self.max_retries, "must be >= 0")
         _check(self.batch_size >= 1, f"{path}.batch_size", self.batch_size, "must be >= 1")
         _check(bool(self.model), f"{path}.model", self.model, "must name a model")
+        _check(self.backend != "local" or self.logprobs_are == "raw", f"{path}.logprobs_are", self.logprobs_are,
+               "the local teacher reports raw logprobs (before temperature and top-p): must be `raw`")  # fmt: skip
 
     @property
     def key_name(self) -> str:
@@ -198,7 +206,13 @@ class TrainConfig:
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """`auto`: bf16 where the device supports it, else full precision."""
     eval_every: int = 0
-    """Evaluate on held-out examples every N steps (0: only at the end)."""
+    """Evaluate on held-out examples every N steps (0: only at the end); with `select:
+    best_validation`, also how often the validation split is scored."""
+    select: Literal["last", "best_validation"] = "last"
+    """Which model becomes `final/`: the `last` step's, or (`best_validation`) the one with the
+    lowest NLL of the teacher's tokens on the validation split (data.validation_fraction > 0),
+    scored every `eval_every` steps and at the end: early stopping by a black-box criterion,
+    with every model reading the same steps. The summary reports `best_step`."""
     save_every: int = 50
     """Checkpoint every N steps, for exact resume (0: only at the end)."""
     keep_checkpoints: int = 2
@@ -207,9 +221,9 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def identity(self) -> dict:
-        """What stage fingerprints include: every field, but `init` only when it is not the
-        default, so that runs made before it existed stay valid."""
-        return _fields_except(self, *(("init",) if self.init == "pretrained" else ()))
+        """What stage fingerprints include: every field, but `init` and `select` only when they
+        are not the default, so that runs made before they existed stay valid."""
+        return _fields_except(self, *(("init",) if self.init == "pretrained" else ()), *(("select",) if self.select == "last" else ()))
 
     def validate(self, path: str) -> None:
         for name in ("batch_size", "grad_accum", "max_steps", "log_every", "keep_checkpoints"):
@@ -222,6 +236,8 @@ class TrainConfig:
         _check(self.max_grad_norm >= 0, f"{path}.max_grad_norm", self.max_grad_norm, "must be >= 0")
         self.lora.validate(f"{path}.lora")
         _check(self.init_layers is None or self.init_layers >= 1, f"{path}.init_layers", self.init_layers, "must be >= 1 or null")
+        _check(self.select == "last" or self.eval_every > 0, f"{path}.eval_every", self.eval_every,
+               "must be > 0 with select: best_validation (how often the validation split is scored)")  # fmt: skip
 
 
 FAULT_KINDS = ("rate_limit", "server_error", "unavailable", "drop", "slow", "malformed", "empty", "truncated")
@@ -422,7 +438,8 @@ class PosteriorConfig:
     mode: Literal["expected", "sampled", "product"] = "expected"
     """`expected`: (kappa p_prior + M p_P) / (kappa + M); `sampled`: M draws from the proxy as counts; `product`: p_prior^a p_P^b."""
     m: float = 8.0
-    """M, the proxy's strength in pseudo-observations (an integer number of draws for `sampled`)."""
+    """M, the proxy's strength in pseudo-observations (an integer number of draws for `sampled`);
+    `.inf`: the proxy alone (the prior and the teacher's probe samples then weigh nothing)."""
     proxy_temperature: float = 1.0
     """tau_P: the proxy's distribution is softmax(z / tau_P)."""
     top_k: int = 32
@@ -466,7 +483,8 @@ class PosteriorConfig:
         _check(self.fit_orders is None or all(o >= 1 for o in self.fit_orders), f"{path}.fit_orders",
                self.fit_orders, "must be orders >= 1 or null")  # fmt: skip
         _check(self.fit_positions >= 1, f"{path}.fit_positions", self.fit_positions, "must be >= 1")
-        _check(self.mode != "sampled" or float(self.m).is_integer(), f"{path}.m", self.m, "must be a whole number of draws for mode sampled")
+        _check(self.mode != "sampled" or float(self.m).is_integer() or self.m == float("inf"), f"{path}.m", self.m,
+               "must be a whole number of draws (or .inf) for mode sampled")  # fmt: skip
         _check(self.proxy_temperature > 0, f"{path}.proxy_temperature", self.proxy_temperature, "must be > 0")
         _check(self.top_k >= 1, f"{path}.top_k", self.top_k, "must be >= 1")
         _check(self.batch_size >= 1, f"{path}.batch_size", self.batch_size, "must be >= 1")
@@ -516,7 +534,8 @@ class ProbeConfig:
 class DistillConfig:
     """Stage `distill`: train one student per mode (method.md, sections 3-4).
 
-    L = lambda_ce * CE(y) + alpha * KL(p_prior || p_S) + beta * KL(p_target || p_S), per response token.
+    L = lambda_ce * CE(y) + alpha * KL(p_prior || p_S) + beta * KL(p_target || p_S), per response token,
+    with alpha + beta = kd_weight in every KD mode (`bayes`: alpha = prior_share * kd_weight).
     `sft`: CE only. `bayes`: prior and posterior. `prior-only` / `posterior-only`: one of them.
     `proxy-kd`: the proxy's own distribution as target, with Proxy-KD's per-sample weights.
     `topk-kd`: the API's own top-k logprobs as target, the rest as one tail bucket (no prior, no
@@ -524,28 +543,50 @@ class DistillConfig:
     `oracle-kd`: the true teacher distribution (only for a local open teacher): an upper bound.
     """
 
+    RENAMED: typing.ClassVar[dict[str, str]] = {
+        "alpha": "replaced by kd_weight and prior_share (alpha = prior_share * kd_weight), so that every KD mode has the same total KD weight",
+        "beta": "replaced by kd_weight (the total KD weight of every mode) and prior_share (bayes: beta = (1 - prior_share) * kd_weight)",
+    }
+
     modes: list[Literal["sft", "bayes", "prior-only", "posterior-only", "proxy-kd", "topk-kd", "oracle-kd"]] = field(
         default_factory=lambda: ["sft"]
     )
     """Students to train, one per mode, each in `distill/<mode>/`."""
     lambda_ce: float = 1.0
-    """Weight of cross-entropy on the teacher's tokens (all modes)."""
-    alpha: float = 0.5
-    """Weight of KL to the prior (`bayes`, `prior-only`)."""
-    beta: float = 1.0
-    """Weight of KL to the posterior (`bayes`, `posterior-only`) or to the proxy / top-k / oracle targets."""
+    """Weight of cross-entropy on the teacher's tokens (all modes; never scaled by Proxy-KD's sample weights)."""
+    kd_weight: float = 1.0
+    """Total weight of the KL terms, the same for every KD mode so that no mode gets more
+    distillation than another: `bayes` splits it between the prior and the posterior
+    (`prior_share`), the other modes put it all on their one target."""
+    prior_share: float = 1 / 3
+    """`bayes`: the share of `kd_weight` on KL to the prior (alpha = prior_share * kd_weight); the
+    rest goes to KL to the posterior (beta). 1/3 keeps the 1 : 2 split of the method's first
+    objective (alpha 0.5, beta 1). `prior-only` puts all of `kd_weight` on the prior."""
     tau: float = 1.0
     """Student temperature in the KL terms (scaled by tau^2)."""
+    fit: Literal["none", "auto"] = "none"
+    """`auto`: every KD mode trains one student per (kd_weight, tau) of the grids below and keeps
+    the one with the lowest black-box NLL of the teacher's tokens on the validation split (needs
+    data.validation_fraction > 0): each mode gets the same tuning, by the same criterion, and no
+    oracle. The grid's scores are in the mode's manifest. `none`: the values as set."""
+    fit_kd_weight: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    """`auto`: the total KD weights tried (`kd_weight` is always one of them)."""
+    fit_tau: list[float] = field(default_factory=lambda: [1.0, 2.0])
+    """`auto`: the student temperatures tried (`tau` is always one of them)."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(init_layers=4, max_steps=60, lr=5e-4))
     """The student: `train.model` (with `train.init_layers`) is its initialisation; its tokenizer defines every token-level quantity."""
 
     def validate(self, path: str) -> None:
         _check(len(self.modes) >= 1, f"{path}.modes", self.modes, "must name at least one mode")
         _check(len(set(self.modes)) == len(self.modes), f"{path}.modes", self.modes, "must not repeat a mode")
-        for name in ("lambda_ce", "alpha", "beta"):
+        for name in ("lambda_ce", "kd_weight"):
             v = getattr(self, name)
             _check(v >= 0, f"{path}.{name}", v, "must be >= 0")
+        _check(0 <= self.prior_share <= 1, f"{path}.prior_share", self.prior_share, "must be in [0, 1]")
         _check(self.tau > 0, f"{path}.tau", self.tau, "must be > 0")
+        _check(bool(self.fit_kd_weight) and all(v >= 0 for v in self.fit_kd_weight), f"{path}.fit_kd_weight",
+               self.fit_kd_weight, "must be values >= 0")  # fmt: skip
+        _check(bool(self.fit_tau) and all(v > 0 for v in self.fit_tau), f"{path}.fit_tau", self.fit_tau, "must be values > 0")
         self.train.validate(f"{path}.train")
 
 
@@ -722,6 +763,9 @@ def _build(cls: type, data: Any, path: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
+    for key in unknown:
+        if key in getattr(cls, "RENAMED", {}):
+            raise ConfigError(f"{path + '.' if path else ''}{key}: {cls.RENAMED[key]}")
     if unknown:
         where = f"{path}." if path else ""
         raise ConfigError(

@@ -75,6 +75,8 @@ def expected(prior: np.ndarray, proxy: np.ndarray, kappa: np.ndarray, m: float) 
     kappa = np.asarray(kappa, dtype=np.float64)[:, None]
     if m == 0:
         return np.asarray(prior, dtype=np.float64).copy()
+    if np.isinf(m):  # the limit M -> inf: the proxy alone (inf / inf would be NaN)
+        return np.asarray(proxy, dtype=np.float64).copy()
     return (kappa * prior + m * proxy) / (kappa + m)
 
 
@@ -118,7 +120,9 @@ def add_counts(post: np.ndarray, counts: np.ndarray, strength: np.ndarray) -> np
     With p = (kappa p_prior + M p_P) / (kappa + M) and A = kappa + M this is exactly
     `with_teacher_counts`."""
     a = np.asarray(strength, dtype=np.float64)[:, None]
-    return (a * post + counts) / (a + counts.sum(1, keepdims=True))
+    with np.errstate(invalid="ignore"):
+        out = (a * post + counts) / (a + counts.sum(1, keepdims=True))
+    return np.where(np.isinf(a), post, out)  # infinite strength: finite counts do not move it
 
 
 def product(
@@ -155,6 +159,90 @@ def apply_evidence(post: np.ndarray, cand_ids: np.ndarray, ev_ids: np.ndarray, e
     s_post = np.where(is_ev, post, 0.0).sum(1)
     scale = np.where(has, (1.0 - s_teacher) / np.maximum(1.0 - s_post, 1e-12), 1.0)
     return np.where(is_ev, ev_mass, post * scale[:, None])
+
+
+class Sampling(NamedTuple):
+    """The distribution the teacher samples from, relative to the one its logprobs describe.
+
+    The estimate targets one distribution: the teacher as `collect` sampled it, softmax(z / T)
+    cut to its nucleus of mass `top_p` (what the corpus counts, the proxy's fine-tune and
+    `probe`'s samples are drawn from, and what the oracle measures). An API that reports raw
+    logprobs (vLLM's default, `bayeskd serve`) describes softmax(z) instead: `to_sampling`
+    converts them. The identity (T = 1, top_p = 1, or logprobs already of the sampled
+    distribution) changes nothing.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    @property
+    def identity(self) -> bool:
+        return self.temperature == 1.0 and self.top_p >= 1.0
+
+
+def to_sampling(ev_probs: np.ndarray, sampling: Sampling, tail_power: np.ndarray | float = 1.0) -> np.ndarray:
+    """The API's raw top-k probabilities [N, E] (0 where unused) -> the same tokens' probabilities
+    under the sampling distribution (`Sampling`).
+
+    Temperature: q_w = p_w^(1/T) / Z with Z = sum over every token of p^(1/T). The listed tokens
+    give A = sum_E p^(1/T); the unlisted ones, whose raw mass is r = 1 - sum_E p, are known only
+    through an estimate's shape s of them in the sampling distribution (s sums to 1 over them):
+    with q_w = Q s_w for them, sum_w p_w = sum_w (Z Q s_w)^T = r gives
+    Z = A + (r / S)^(1/T), S = `tail_power` = sum over the unlisted of s_w^T [N]. S = 1 treats
+    the unlisted mass as one token (an upper bound of its share for T < 1, so the listed values
+    are lower bounds); T = 1 gives Z = 1 for any S. T = 0 (greedy): the top listed token gets 1.
+
+    Top-p: the tokens, in decreasing q, are kept while the mass before them is below top_p
+    (`teachers.decoding.sample`'s rule). If the listed tokens reach top_p, the nucleus closes
+    among them: the kept ones are renormalised and every other token gets 0. Otherwise the
+    nucleus runs into the unlisted tokens and its mass is taken as top_p (it lies in
+    [top_p, top_p + the largest unlisted q]): q / top_p. Rows without evidence stay 0.
+    """
+    p = np.asarray(ev_probs, dtype=np.float64)
+    if sampling.identity:
+        return p.copy()
+    has = p > 0
+    any_ev = has.any(1)
+    r = np.clip(1.0 - p.sum(1), 0.0, 1.0)
+    t = sampling.temperature
+    if t <= 0:
+        q = np.where(p == p.max(1, keepdims=True), 1.0, 0.0) * has
+        q = q / np.maximum(q.sum(1, keepdims=True), 1.0)
+    else:
+        with np.errstate(divide="ignore"):
+            log_a = np.where(has, np.log(np.where(has, p, 1.0)) / t, -np.inf)
+            log_tail = np.where(r > 0, (np.log(np.maximum(r, 1e-300)) - np.log(np.maximum(tail_power, 1e-300))) / t, -np.inf)
+        top = np.maximum(log_a.max(1), log_tail)
+        top = np.where(np.isfinite(top), top, 0.0)
+        un = np.exp(log_a - top[:, None])
+        z = un.sum(1) + np.exp(log_tail - top)
+        q = un / np.maximum(z, 1e-300)[:, None]
+    if sampling.top_p < 1.0:
+        order = np.argsort(-q, axis=1, kind="stable")
+        sq = np.take_along_axis(q, order, 1)
+        cum = np.cumsum(sq, 1)
+        before = cum - sq
+        kept_sorted = (before < sampling.top_p) & (sq > 0)
+        # A margin for the teacher's float32 arithmetic: a nucleus that closes within 1e-4 of
+        # top_p is taken as open, so that no token the teacher may have sampled gets 0.
+        closes = (cum >= sampling.top_p + 1e-4) & kept_sorted
+        closed = closes.any(1)
+        kept = np.zeros_like(kept_sorted)
+        np.put_along_axis(kept, order, kept_sorted, 1)
+        mass = np.where(closed, (q * kept).sum(1), sampling.top_p)
+        q = np.where(kept, q, 0.0) / np.maximum(mass, 1e-300)[:, None]
+    return np.where(any_ev[:, None], q, 0.0)
+
+
+def tail_power(dense: np.ndarray, ev_ids: np.ndarray, temperature: float) -> np.ndarray:
+    """S = sum over the tokens outside the evidence of s_w^T, with s the `dense` [N, V] estimate
+    renormalised over them: the shape `to_sampling` gives the mass the API left unlisted."""
+    s = np.array(dense, dtype=np.float64)
+    rows = np.arange(len(s))[:, None]
+    valid = ev_ids >= 0
+    s[np.broadcast_to(rows, ev_ids.shape)[valid], ev_ids[valid]] = 0.0
+    s /= np.maximum(s.sum(1, keepdims=True), 1e-300)
+    return (s**temperature).sum(1) if temperature > 0 else np.ones(len(s))
 
 
 def top_k(cand_ids: np.ndarray, probs: np.ndarray, k: int) -> SparseDist:

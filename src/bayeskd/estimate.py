@@ -30,6 +30,33 @@ TARGET_SETS = ("prior", "posterior", "proxy", "topk")
 """The sparse target sets a target store holds, per response token (`topk`: the API's own top-k)."""
 
 
+def sampling_of(cfg: Config) -> D.Sampling:
+    """The conversion the API's logprobs need to describe the distribution `collect` sampled from
+    (the estimate's target, `distributions.Sampling`): none when the API reports that one."""
+    if cfg.teacher.logprobs_are == "sampled":
+        return D.Sampling()
+    return D.Sampling(cfg.collect.temperature, cfg.collect.top_p)
+
+
+def evidence_in_target(
+    evidence: tuple[np.ndarray, np.ndarray] | None, sampling: D.Sampling, shape: np.ndarray | torch.Tensor | None
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The API's top-k (ids, probs) with its probabilities moved to the sampling distribution.
+
+    `shape` [P, V]: a dense estimate whose values outside the top-k give the unlisted mass its
+    shape (the proxy's, for the posterior); None treats that mass as one token (`topk-kd`, which
+    reads no proxy). See `distributions.to_sampling`."""
+    if evidence is None or sampling.identity:
+        return evidence
+    ids, probs = evidence
+    if shape is None:
+        power = np.ones(len(ids))
+    else:
+        dense = shape.double().numpy() if isinstance(shape, torch.Tensor) else shape
+        power = D.tail_power(dense, ids, sampling.temperature)
+    return ids, D.to_sampling(probs, sampling, power)
+
+
 def load_prior(cfg: Config, run: Run) -> ngram.NGramPrior:
     """The prior of a run: its `prior` stage's tables, queried with `prior.*`."""
     table = ngram.NGramTable.load(run.output("prior", "tables"))
@@ -69,14 +96,16 @@ def record_evidence(
     return mapper.evidence(record["text"], record["tokens"], spans, top=top, sampled=sampled)
 
 
-def topk_targets(evidence: tuple[np.ndarray, np.ndarray] | None, n: int) -> D.SparseDist:
+def topk_targets(evidence: tuple[np.ndarray, np.ndarray] | None, n: int, sampling: D.Sampling = D.Sampling()) -> D.SparseDist:
     """The API's own top-k at each of n positions, the rest of its mass as the tail: `topk-kd`'s target.
 
-    No prior, no proxy: what sparse-logit KD toolkits train on. A position without evidence gets
-    an empty target (no ids, tail 1), whose KL to any student is 0: it adds no loss there."""
+    No prior, no proxy: what sparse-logit KD toolkits train on. Its probabilities are those of
+    the sampling distribution (`sampling`; the unlisted mass counted as one token, since no
+    estimate gives it a shape). A position without evidence gets an empty target (no ids, tail
+    1), whose KL to any student is 0: it adds no loss there."""
     if evidence is None:
         return D.SparseDist(np.full((n, 1), D.PAD, np.int32), np.zeros((n, 1)), np.ones(n))
-    ids, probs = evidence
+    ids, probs = evidence_in_target(evidence, sampling, None)
     return D.SparseDist(ids.astype(np.int32), probs, np.clip(1 - probs.sum(1), 0, 1))
 
 
@@ -88,7 +117,7 @@ def update(
     prior, proxy [N, C] (0 on unused slots); kappa [N]. The candidates may be the whole
     vocabulary (C = V) or a subset; whatever mass a side has outside them is its tail.
     """
-    if cfg.mode == "expected":
+    if cfg.mode == "expected" or (cfg.mode == "sampled" and np.isinf(cfg.m)):  # infinitely many draws: their mean
         return D.expected(prior, proxy, kappa, cfg.m)
     if cfg.mode == "sampled":
         # M draws from the proxy, counted on the candidates: drawing over the candidates plus one
@@ -116,6 +145,7 @@ def estimate(
     evidence: tuple[np.ndarray, np.ndarray] | None = None,
     generator: torch.Generator | None = None,
     teacher_counts: tuple[np.ndarray, np.ndarray] | None = None,
+    sampling: D.Sampling = D.Sampling(),
 ) -> tuple[dict[str, D.SparseDist], np.ndarray]:
     """Prior, posterior and proxy targets at P positions (sparse, `TARGET_SETS`), and the posterior's entropy.
 
@@ -123,6 +153,8 @@ def estimate(
     proxy_logits [P, V]; evidence (ids [P, E], probs [P, E]) from the teacher's logprobs;
     teacher_counts (ids [P, S], counts [P, S], PAD / 0 where unused): the teacher's own samples
     at each prefix (stage `probe`), added to the Dirichlet before the logprob evidence.
+    `sampling`: how the API's logprobs relate to the distribution the teacher sampled (and the
+    estimate targets); the proxy's distribution shapes the mass the API left unlisted.
     The posterior is exact on the candidates: the union of the prior's top `k_prior`, the
     proxy's top `cfg.top_k` and every evidence and counted id.
     """
@@ -144,7 +176,7 @@ def estimate(
     if teacher_counts is not None:
         post = D.add_counts(post, D.counts_on(cand, *teacher_counts), pb.kappa + proxy_strength(cfg))
     if evidence is not None:
-        post = D.apply_evidence(post, cand, *evidence)
+        post = D.apply_evidence(post, cand, *evidence_in_target(evidence, sampling, None if sampling.identity else logp.exp()))
     posterior = D.top_k(cand, post, cfg.top_k)
     top_p = top_lp.exp().double().numpy()
     dists = {

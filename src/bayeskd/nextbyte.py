@@ -89,12 +89,14 @@ def token_starts(record: dict, tokenizer) -> tuple[list[tuple[int, int]], torch.
     return out, enc["input_ids"]
 
 
-def teacher_next_bytes(record: dict, model, tokenizer, firsts: np.ndarray, temperature: float) -> dict[int, np.ndarray]:
-    """Response offset -> the teacher's next-byte distribution there (at every token start of its own)."""
+def teacher_next_bytes(record: dict, model, tokenizer, firsts: np.ndarray, to_probs) -> dict[int, np.ndarray]:
+    """Response offset -> the teacher's next-byte distribution there (at every token start of its own).
+
+    `to_probs`: logits [P, V] -> the teacher's next-token distribution (`oracle.teacher_probs`)."""
     starts, ids = token_starts(record, tokenizer)
     if not starts:
         return {}
     with torch.inference_mode():
         logits = model(ids).logits[0].float()
-    probs = torch.softmax(logits[[k - 1 for k, _ in starts]] / temperature, -1)
+    probs = to_probs(logits[[k - 1 for k, _ in starts]])
     return dict(zip([o for _, o in starts], next_byte(probs, firsts)))

@@ -4,7 +4,7 @@ Only possible when the "closed" teacher is a local open model standing in for on
 (`teacher.backend: local`) that shares the student's tokenizer. The method's own stages never
 import this module; only `distill` (mode `oracle-kd`, flagged as an upper bound in every
 output) and `eval` do. The teacher's distribution is the one it sampled from in `collect`:
-softmax(z / collect.temperature).
+softmax(z / collect.temperature) cut to its nucleus of mass collect.top_p (`teacher_probs`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from bayeskd.corpus import TokenizedCorpus
 from bayeskd.errors import BayeskdError
 from bayeskd.models import check_same_tokenizer, load_causal_lm
 from bayeskd.targets import TargetStore, TargetWriter
+from bayeskd.teachers.decoding import sampling_probs
 
 
 def load_oracle(cfg: Config, student_fp: str | None):
@@ -44,14 +45,17 @@ def oracle_model(cfg: Config) -> str | None:
     return cfg.teacher.model if cfg.teacher.backend == "local" else None
 
 
-def temperature(cfg: Config) -> float:
-    return max(cfg.collect.temperature, 1e-6)
+def teacher_probs(cfg: Config, logits: torch.Tensor) -> torch.Tensor:
+    """The distribution the teacher sampled from in `collect` (the estimate's target), [..., V]:
+    softmax(z / collect.temperature) cut to its nucleus of mass collect.top_p."""
+    return sampling_probs(logits, cfg.collect.temperature, cfg.collect.top_p)
 
 
 def oracle_targets(cfg: Config, run: Run, corpus: TokenizedCorpus) -> TargetStore:
     """Top-K of the true teacher distribution at every response token (cached in `oracle/`)."""
     k = cfg.posterior.top_k
-    stage_cfg = {"teacher": oracle_model(cfg), "temperature": temperature(cfg), "k": k}
+    stage_cfg = {"teacher": oracle_model(cfg), "temperature": max(cfg.collect.temperature, 1e-6), "k": k,
+                 **({"top_p": cfg.collect.top_p} if cfg.collect.top_p < 1 else {})}  # fmt: skip
     out = run.begin("oracle", stage_cfg, {"corpus": corpus.corpus_fp, "tokenizer": corpus.tokenizer_fp})
     if out is None:
         return TargetStore.open(run.output("oracle", "targets"))
@@ -59,8 +63,8 @@ def oracle_targets(cfg: Config, run: Run, corpus: TokenizedCorpus) -> TargetStor
     writer = TargetWriter(out / "targets", ("oracle",), k)
     for rb in corpus.batches(range(len(corpus.dataset)), 8, "oracle"):
         for row, z in zip(rb.rows, rb.logits(model)):
-            lp, ids = torch.log_softmax(z / temperature(cfg), -1).topk(k, -1)
-            p = lp.exp().double().numpy()
+            p, ids = teacher_probs(cfg, z).topk(k, -1)
+            p = p.double().numpy()
             dist = D.SparseDist(ids.numpy().astype(np.int32), p, np.clip(1 - p.sum(1), 0, 1))
             writer.add(row["index"], {"oracle": dist}, D.entropy(dist))
     writer.close({"tokenizer": corpus.tokenizer_fp, "corpus": corpus.corpus_fp, "teacher": oracle_model(cfg),

@@ -16,6 +16,7 @@ from bayeskd.artifacts import Run  # noqa: E402
 # tokens; it isolates what the Bayesian update itself adds. one-hot+proxy: the control that
 # Proxy-KD's loss implies, at its best lambda; one-hot+posterior: the same mix with the
 # posterior-no-logprobs in the proxy's place (what the bayes student's CE + KL trains towards).
+TOPK = "top-k alone"
 ESTIMATES = ("one-hot", "prior", "proxy", "posterior-no-logprobs", "posterior", "one-hot+proxy", "one-hot+posterior")
 # proxy (sft): with proxy.align sft+dpo, the SFT proxy before DPO; `proxy` is then the DPO one.
 SFT_PROXY = "proxy (sft)"
@@ -23,9 +24,13 @@ SFT_PROXY = "proxy (sft)"
 
 def estimate_names(scored) -> list[str]:
     """ESTIMATES, with `proxy (sft)` after `proxy` where it was scored (`scored`: names or `name/...` keys)."""
-    has_sft = any(k == SFT_PROXY or k.startswith(f"{SFT_PROXY}/") for k in scored)
+    def has(name: str) -> bool:
+        return any(k == name or k.startswith(f"{name}/") for k in scored)
+
     names = list(ESTIMATES)
-    return names[:3] + [SFT_PROXY] + names[3:] if has_sft else names
+    if has(TOPK):  # with logprobs: what topk-kd trains on, beside the posterior that reads the same top-k
+        names.insert(names.index("posterior") + 1, TOPK)
+    return names[:3] + [SFT_PROXY] + names[3:] if has(SFT_PROXY) else names
 
 
 def comparison_table(metrics: dict) -> str:

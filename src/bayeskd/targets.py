@@ -2,7 +2,7 @@
 
 A store is a folder with one sub-folder per shard (`shard-00000/`, ...) holding, for each
 target set (`prior`, `posterior`, `proxy`, ...), `{set}_ids.npy` int32 [N, K],
-`{set}_probs.npy` float16 [N, K] and `{set}_tail.npy` float32 [N]; plus `entropy.npy`
+`{set}_probs.npy` float16 [N, K] (rounded toward zero: no row sums above 1) and `{set}_tail.npy` float32 [N]; plus `entropy.npy`
 float16 [N] (the posterior's, per token) and `records.npy` int64 [R, 3] (corpus record
 index, first row, number of rows). `store.json` records what produced the targets: the
 tokenizer's and the corpus's fingerprints, the prior tables, the proxy checkpoint, mode, M,
@@ -26,6 +26,17 @@ from bayeskd.distributions import SparseDist
 from bayeskd.errors import BayeskdError
 
 STORE_META = "store.json"
+
+
+def float16_floor(probs: np.ndarray) -> np.ndarray:
+    """Probabilities [N, K] as float16, each rounded toward zero, after rows summing above 1 are
+    scaled down to 1: so that no stored row sums above 1 (round-to-nearest could give 1.00015,
+    and a tail clipped at 0 would not absorb it). What rounding takes off joins the tail."""
+    p = np.clip(np.asarray(probs, dtype=np.float64), 0.0, None)
+    p = p / np.maximum(p.sum(1, keepdims=True), 1.0)
+    half = p.astype(np.float16)
+    over = half.astype(np.float64) > p
+    return np.where(over, np.nextafter(half, np.float16(0)), half)
 
 
 class TargetWriter:
@@ -59,7 +70,7 @@ class TargetWriter:
             ids = np.full((n, self.k), -1, np.int32)
             probs = np.zeros((n, self.k), np.float16)
             kk = min(self.k, d.ids.shape[1])
-            ids[:, :kk], probs[:, :kk] = d.ids[:, :kk], d.probs[:, :kk]
+            ids[:, :kk], probs[:, :kk] = d.ids[:, :kk], float16_floor(d.probs[:, :kk])
             # The tail is stored as 1 - sum of the stored (rounded) probabilities, so that each
             # stored row sums to one exactly as the student sees it.
             tail = np.clip(1.0 - probs.astype(np.float64).sum(1), 0.0, 1.0).astype(np.float32)

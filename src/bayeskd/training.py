@@ -287,9 +287,13 @@ def _resume(accelerator: Accelerator, out: Path) -> tuple[int, dict]:
     return int(state["step"]), state
 
 
-def _save_final(accelerator: Accelerator, model: Any, out: Path, tokenizer: Any, lora: bool) -> tuple[Any, Path]:
-    """Save a plain Hugging Face folder (LoRA merged, adapters beside it); returns (model, folder)."""
-    final, tmp = out / "final", out / ".tmp-final"
+def _save_final(
+    accelerator: Accelerator, model: Any, out: Path, tokenizer: Any, lora: bool, name: str = "final"
+) -> tuple[Any, Path]:
+    """Save a plain Hugging Face folder out/name (LoRA merged, adapters beside it); returns (model, folder).
+
+    With LoRA the returned model is merged; call it for `final` only, after the last step."""
+    final, tmp = out / name, out / f".tmp-{name}"
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     main = accelerator.is_main_process
@@ -298,7 +302,7 @@ def _save_final(accelerator: Accelerator, model: Any, out: Path, tokenizer: Any,
         if lora:
             unwrapped.save_pretrained(tmp / "adapter")
     if lora:
-        unwrapped = unwrapped.merge_and_unload()
+        unwrapped = unwrapped.merge_and_unload() if name == "final" else _merged_copy(unwrapped)
         state_dict = unwrapped.state_dict()
     else:
         state_dict = accelerator.get_state_dict(model)  # every process: gathers FSDP / ZeRO-3 shards
@@ -310,6 +314,13 @@ def _save_final(accelerator: Accelerator, model: Any, out: Path, tokenizer: Any,
             _replace_dir(tmp, final)
     accelerator.wait_for_everyone()
     return unwrapped.eval(), final
+
+
+def _merged_copy(peft_model: Any) -> Any:
+    """A merged copy of a LoRA model that leaves the one in training untouched (a mid-run save)."""
+    import copy
+
+    return copy.deepcopy(peft_model).merge_and_unload()
 
 
 # ---------------------------------------------------------------- the loop
@@ -374,6 +385,8 @@ def train(
     *,
     collate_fn: CollateFn,
     eval_data: Sequence | None = None,
+    select_data: Sequence | None = None,
+    select_loss_fn: LossFn | None = None,
     tokenizer: Any = None,
     resume: bool = True,
     progress: bool = True,
@@ -384,6 +397,12 @@ def train(
     rows) that `collate_fn` turns into batches. Runs as-is under `accelerate launch` on any
     number of processes. Writes out_dir/train_log.jsonl, out_dir/checkpoints/ and out_dir/final/
     (with `tokenizer`, if given). Resuming expects the same config and data as the first run.
+
+    With `cfg.select == "best_validation"`, `select_loss_fn` (a token-mean loss, e.g. the CE of
+    the teacher's tokens) is measured on `select_data` every `cfg.eval_every` steps and at the
+    last one (logged as `select_loss`); the model at the lowest is kept in out_dir/best/ as it
+    goes and becomes out_dir/final/ at the end: early stopping without stopping, so that every
+    model reads the same steps and keeps its own best point.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -412,19 +431,31 @@ def train(
     log = _Log(out / LOG_NAME, accelerator.is_main_process, start, cfg.max_steps, progress, state.get("elapsed", 0.0))
     model.train()
     last: dict = {}
+    selecting = cfg.select == "best_validation"
+    if selecting and (not select_data or select_loss_fn is None):
+        raise ValueError("train: select=best_validation needs select_data (the validation split) and select_loss_fn")
+    best = {k: state[k] for k in ("best_loss", "best_step") if k in state}
     for step in range(start + 1, cfg.max_steps + 1):
         micro = [next(batches) for _ in range(cfg.grad_accum)]
         record = _train_step(accelerator, model, optimizer, scheduler, loss_fn, micro, cfg)
         log.count(record.pop("n_inputs"))
         final_step = step == cfg.max_steps
         eval_now = eval_data is not None and (_due(step, cfg.eval_every) or final_step)
-        if _due(step, cfg.log_every) or eval_now or final_step:
+        select_now = selecting and (_due(step, cfg.eval_every) or final_step)
+        if _due(step, cfg.log_every) or eval_now or select_now or final_step:
             record["tokens_per_s"] = log.throughput()
             if eval_now:
                 record.update(evaluate(accelerator, model, eval_data, loss_fn, collate_fn, cfg.batch_size))
+            if select_now:
+                value = evaluate(accelerator, model, select_data, select_loss_fn, collate_fn, cfg.batch_size)["eval_loss"]
+                record["select_loss"] = value
+                if value < best.get("best_loss", math.inf):
+                    best = {"best_loss": value, "best_step": step}
+                    _save_final(accelerator, model, out, tokenizer, cfg.lora.enabled, name="best")
+                record.update(best)
             last = log.write({"step": step, **record})
         if _due(step, cfg.save_every) or final_step:
-            _save_checkpoint(accelerator, out, step, {"elapsed": log.elapsed()}, cfg.keep_checkpoints)
+            _save_checkpoint(accelerator, out, step, {"elapsed": log.elapsed(), **best}, cfg.keep_checkpoints)
             log.restart_window()
     log.close()
     if not last and start >= cfg.max_steps and (out / LOG_NAME).is_file():
@@ -432,4 +463,11 @@ def train(
         lines = (out / LOG_NAME).read_text().splitlines()
         last = json.loads(lines[-1]) if lines else {}
     trained, final = _save_final(accelerator, model, out, tokenizer, cfg.lora.enabled)
+    if selecting:  # the best model replaces the last one
+        if accelerator.is_main_process:
+            shutil.copytree(out / "best", out / ".tmp-selected")
+            _replace_dir(out / ".tmp-selected", final)
+        accelerator.wait_for_everyone()
+        trained = type(trained).from_pretrained(final).eval()
+        last = {**last, **best}
     return TrainResult(trained, final, max(start, cfg.max_steps), start or None, last)

@@ -68,10 +68,10 @@ def test_the_fits_closed_form_equals_the_dense_posterior_at_the_realised_token(p
         ids = rng.choice(V, 2, replace=False)
         ev_ids[i, :2], ev_p[i, :2] = ids, [0.4, 0.25]
     cand = np.concatenate([y[:, None].astype(np.int64), ev_ids], 1)
-    pos = blackbox.Positions(ctx, cand, ev_p, {1.0: np.take_along_axis(p_proxy, np.where(cand >= 0, cand, 0), 1)})
+    pos = blackbox.Positions(ctx, cand, {1.0: ev_p}, {1.0: np.take_along_axis(p_proxy, np.where(cand >= 0, cand, 0), 1)})
     kappa = model.query(ctx, 1).kappa
-    got = blackbox.posterior_at_y(model.prob(ctx, np.where(cand >= 0, cand, 0)), pos.proxy[1.0], kappa, m, pos)
+    got = blackbox.posterior_at_y(model.prob(ctx, np.where(cand >= 0, cand, 0)), kappa, m, 1.0, pos)
     p_prior = model.dense(ctx)
-    post = p_proxy if np.isinf(m) else D.expected(p_prior, p_proxy, kappa, m)
+    post = D.expected(p_prior, p_proxy, kappa, m)  # M = inf: the proxy alone
     want = D.apply_evidence(post, np.tile(np.arange(V), (n, 1)), ev_ids, ev_p)[np.arange(n), y]
     np.testing.assert_allclose(got, want, rtol=1e-9)

@@ -72,12 +72,38 @@ def test_overrides_are_parsed_as_yaml():
         ("serve.faults.bogus=1", "unknown key serve.faults.bogus"),
         ("data.num_proc=0", "data.num_proc=0: must be >= 1"),
         ("distill.train.init=random", "distill.train.init='random': must be one of 'pretrained', 'scratch'"),
+        ("distill.alpha=0.5", "distill.alpha: replaced by kd_weight and prior_share"),
+        ("distill.beta=1", "distill.beta: replaced by kd_weight"),
+        ("distill.prior_share=1.5", "distill.prior_share=1.5: must be in [0, 1]"),
+        ("distill.fit_tau=[0]", "distill.fit_tau=[0.0]: must be values > 0"),
+        ("distill.train.select=best_validation", "distill.train.eval_every=0: must be > 0 with select: best_validation"),
+        ("posterior.mode=sampled", None),
+        ("teacher.logprobs_are=sampled", "teacher.logprobs_are='sampled': the local teacher reports raw logprobs"),
     ],
 )
 def test_bad_values_name_the_field(override, message):
+    if message is None:  # a valid value among the bad ones
+        load_config(None, [override])
+        return
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     assert message in str(e.value)
+
+
+def test_every_kd_mode_has_the_same_total_kd_weight():
+    """Equal footing: CE + kd_weight * (KL terms), whatever the mode; bayes splits it by prior_share."""
+    from bayeskd.stages.distill import loss_weights
+
+    cfg = load_config(None, ["distill.kd_weight=1.5"])
+    d = cfg.distill
+    shares = {"bayes": {"prior": d.prior_share, "target": 1 - d.prior_share}, "prior-only": {"prior": 1.0},
+              "posterior-only": {"target": 1.0}, "proxy-kd": {"target": 1.0}, "topk-kd": {"target": 1.0}}  # fmt: skip
+    for mode, share in shares.items():
+        w = loss_weights(d.lambda_ce, share, d.kd_weight)
+        assert w["lambda_ce"] == 1.0 and w.get("alpha", 0) + w.get("beta", 0) == pytest.approx(1.5), mode
+    assert loss_weights(1.0, shares["bayes"], 1.5) == pytest.approx({"lambda_ce": 1.0, "alpha": 0.5, "beta": 1.0})
+    # A sampled posterior may be the proxy alone: infinitely many draws.
+    assert load_config(None, ["posterior.mode=sampled", "posterior.m=.inf"]).posterior.m == float("inf")
 
 
 def test_bad_yaml_files(tmp_path):

@@ -34,6 +34,19 @@ def test_expected_limits():
     assert np.allclose(D.expected(prior, proxy, kappa * 1e-12, m=5), proxy)  # kappa -> 0: the proxy
 
 
+def test_an_infinite_proxy_strength_is_the_proxy_alone_not_nan():
+    rng = np.random.default_rng(2)
+    prior, proxy = rand_dist(rng, 5, 7), rand_dist(rng, 5, 7)
+    kappa = rng.uniform(1, 10, 5)
+    post = D.expected(prior, proxy, kappa, m=np.inf)
+    assert np.array_equal(post, proxy)
+    counts = np.zeros_like(proxy)
+    counts[:, 0] = 3
+    # Teacher counts on top of an infinite strength do not move it (and give no inf / inf).
+    assert np.array_equal(D.add_counts(post, counts, kappa + np.inf), proxy)
+    assert np.isfinite(D.with_teacher_counts(prior, proxy, counts, kappa, m=np.inf)).all()
+
+
 def test_sampled_converges_to_expected():
     rng = np.random.default_rng(1)
     v = 6

@@ -67,6 +67,33 @@ def test_training_reduces_loss_and_saves_a_loadable_model(tmp_path, tiny_lm, tok
     assert [p.name for p in sorted((tmp_path / "checkpoints").iterdir())] == ["step-00000016", "step-00000024"]
 
 
+def test_select_best_validation_keeps_the_best_scored_model_not_the_last(tmp_path, tiny_lm, tok, data):
+    """Early stopping without stopping: every `eval_every` steps the selection loss is scored and the
+    best model is kept. Scored by -CE (a loss that training makes worse), the best is the first
+    scoring, so `final/` must be that early model and not the last one."""
+    cfg = TrainConfig(batch_size=4, max_steps=12, lr=1e-2, warmup_steps=1, eval_every=4, save_every=4, log_every=4,
+                      select="best_validation")  # fmt: skip
+    ce = make_loss_fn()
+
+    def worse_as_it_learns(logits, batch):
+        out = ce(logits, batch)
+        return out._replace(loss=-out.loss)
+
+    result = train(load_causal_lm(str(tiny_lm)), data, make_loss_fn(), cfg, tmp_path, collate_fn=Collator(tok.pad_token_id),
+                   select_data=data.select(range(6)), select_loss_fn=worse_as_it_learns, tokenizer=tok, progress=False)  # fmt: skip
+    log = read_log(tmp_path)
+    scores = [(r["step"], r["select_loss"]) for r in log if "select_loss" in r]
+    assert [s for s, _ in scores] == [4, 8, 12]
+    best_step, best = min(scores, key=lambda x: x[1])
+    assert best_step == 4 and result.last["best_step"] == 4 and result.last["best_loss"] == pytest.approx(best)
+    kept, last = weights(result.final_dir), weights(tmp_path / "checkpoints" / "step-00000012")
+    assert all(torch.equal(kept[k], v) for k, v in weights(tmp_path / "best").items())
+    assert any(not torch.equal(v, last[k]) for k, v in kept.items() if k in last)
+    ids = torch.tensor([data[0]["input_ids"]])
+    with torch.no_grad():  # the returned model is the kept one
+        torch.testing.assert_close(result.model(ids).logits, AutoModelForCausalLM.from_pretrained(result.final_dir)(ids).logits)
+
+
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, train_script, caplog):
     """A real process is killed after its step-8 checkpoint; the resumed run ends bit-for-bit where an
     uninterrupted one does. Half-written checkpoints next to the good one are ignored."""
@@ -179,7 +206,8 @@ def test_one_process_trains_models_in_different_precisions_one_after_another(tmp
 # only with a change that is meant to alter them, and say so in its commit.
 PINNED_LOSSES = {
     "sft": [5.730048, 5.699779, 5.561877, 5.551824],
-    "bayes": [11.617538, 11.562324, 11.277437, 11.195575],
+    # Moved by -0.0055 when stored target probabilities became rounded toward zero (no stored row sums above 1).
+    "bayes": [11.612041, 11.556849, 11.272057, 11.190205],
 }
 
 

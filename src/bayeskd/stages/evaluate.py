@@ -40,9 +40,10 @@ from bayeskd.artifacts import Run, write_json_atomic
 from bayeskd.config import Config
 from bayeskd.corpus import TokenizedCorpus, load_corpus
 from bayeskd.errors import BayeskdError
-from bayeskd.estimate import load_prior, record_evidence, response_spans, topk_targets, update
+from bayeskd.estimate import evidence_in_target, load_prior, record_evidence, response_spans, sampling_of, topk_targets, update
 from bayeskd.evidence import EvidenceMapper
 from bayeskd.models import load_causal_lm, load_tokenizer, tokenizer_fingerprint
+from bayeskd.oracle import teacher_probs
 from bayeskd.stages.proxy import proxy_model
 from bayeskd.report import SFT_PROXY, comparison_table, estimate_names, write_report
 
@@ -83,7 +84,6 @@ def _oracle(cfg: Config, corpus: TokenizedCorpus) -> Oracle | None:
 def score_students(cfg: Config, corpus: TokenizedCorpus, students: dict, oracle: Oracle | None, indices: list[int]) -> dict:
     """bpb, NLL, ROUGE-L, accuracy and, with an oracle, KL(p_T || p_S) per token (one tokenizer only)
     and per next byte (any tokenizers: `nextbyte`) of each student on `indices`."""
-    temp = max(cfg.collect.temperature, 1e-6)
     teacher = oracle.model if oracle is not None and oracle.same_tokenizer else None
     firsts = nextbyte.first_bytes(corpus.tokenizer) if oracle is not None else None
     t_firsts = nextbyte.first_bytes(oracle.tokenizer) if oracle is not None else None
@@ -98,7 +98,8 @@ def score_students(cfg: Config, corpus: TokenizedCorpus, students: dict, oracle:
         if oracle is not None:
             for row, y in zip(rb.rows, labels):
                 record = corpus.records[row["index"]]
-                t_bytes = nextbyte.teacher_next_bytes(record, oracle.model, oracle.tokenizer, t_firsts, temp)
+                t_bytes = nextbyte.teacher_next_bytes(record, oracle.model, oracle.tokenizer, t_firsts,
+                                                      lambda z: teacher_probs(cfg, z))  # fmt: skip
                 spans = response_spans(record, corpus.tokenizer, cfg.data.template, len(y))
                 pos, seen = [], set()
                 for j, (a, _) in enumerate(spans):
@@ -111,7 +112,7 @@ def score_students(cfg: Config, corpus: TokenizedCorpus, students: dict, oracle:
             for b, z in enumerate(rb.logits(model)):
                 sums[mode]["nll"] += float(M.token_nll(z, labels[b]).sum())
                 if zt is not None:
-                    p_t = torch.softmax(zt[b] / temp, -1)
+                    p_t = teacher_probs(cfg, zt[b])
                     sums[mode]["kl"] += float(M.kl_dense(p_t, torch.softmax(z, -1)).sum())
                 if boundaries and boundaries[b][0]:
                     pos, t_dist = boundaries[b]
@@ -184,6 +185,7 @@ def score_estimates(cfg: Config, run: Run, corpus: TokenizedCorpus, teacher, hel
     acc: dict[str, list] = defaultdict(list)
     positions = 0
     gen = torch.Generator().manual_seed(p.seed)
+    sampling = sampling_of(cfg)
     for rb in corpus.batches(indices, cfg.eval.batch_size, f"eval: fidelity ({'heldout' if heldout else 'train'})"):
         if positions >= cfg.eval.fidelity_positions:
             break
@@ -192,7 +194,7 @@ def score_estimates(cfg: Config, run: Run, corpus: TokenizedCorpus, teacher, hel
             y = y.numpy()
             ids = np.asarray(row["input_ids"])
             ctx = ngram.contexts(ids[: len(ids) - len(y)], y, prior.order, vocab)
-            p_t = torch.softmax(zt / max(cfg.collect.temperature, 1e-6), -1).double().numpy()
+            p_t = teacher_probs(cfg, zt).double().numpy()
             p_proxy = torch.softmax(zp / p.proxy_temperature, -1).double().numpy()
             # As the student sees it: in the train setting the scored sequence's own counts are in
             # the tables (left out when prior.leave_one_out, as the posterior stage did).
@@ -200,16 +202,19 @@ def score_estimates(cfg: Config, run: Run, corpus: TokenizedCorpus, teacher, hel
             p_prior = prior.dense(ctx, targets=loo)
             bare = update(p_prior, p_proxy, prior.query(ctx, 1, targets=loo).kappa, p, gen)
             record, every = corpus.records[row["index"]], np.tile(np.arange(vocab), (len(y), 1))
-            ev = record_evidence(mapper, record, corpus.tokenizer, cfg.data.template, len(y), p.top_logprobs)
+            raw = record_evidence(mapper, record, corpus.tokenizer, cfg.data.template, len(y), p.top_logprobs)
+            ev = evidence_in_target(raw, sampling, p_proxy)  # the proxy shapes the unlisted mass, as in `posterior`
             estimates = {"one-hot": M.smoothed_one_hot(y, vocab, cfg.eval.one_hot_eps), "prior": p_prior,
                          "proxy": p_proxy, "posterior-no-logprobs": bare,
                          "posterior": bare if ev is None else D.apply_evidence(bare, every, *ev)}  # fmt: skip
             if zs is not None:
                 estimates[SFT_PROXY] = torch.softmax(zs / p.proxy_temperature, -1).double().numpy()
-            if heldout and ev is not None:  # the API's top-k without the sampled token's own logprob
-                ev = record_evidence(mapper, record, corpus.tokenizer, cfg.data.template, len(y), p.top_logprobs, False)
-                estimates["posterior (top-k only)"] = D.apply_evidence(bare, every, *ev)
-                estimates["top-k alone"] = topk_targets(ev, len(y)).dense(vocab)  # what topk-kd reads, the tail uniform
+            if mapper is not None:  # what topk-kd trains on (the sampled token's own logprob included), the tail uniform
+                estimates["top-k alone"] = topk_targets(raw, len(y), sampling).dense(vocab)
+            if heldout and ev is not None:  # the API's top-k without the sampled token's own logprob: black-box scorable
+                raw = record_evidence(mapper, record, corpus.tokenizer, cfg.data.template, len(y), p.top_logprobs, False)
+                estimates["posterior (top-k only)"] = D.apply_evidence(bare, every, *evidence_in_target(raw, sampling, p_proxy))
+                estimates["top-k alone (top-k only)"] = topk_targets(raw, len(y), sampling).dense(vocab)
             hard = np.zeros_like(p_proxy)
             hard[np.arange(len(y)), y] = 1.0
             for lam in cfg.eval.control_lambdas:
@@ -237,7 +242,7 @@ def score_estimates(cfg: Config, run: Run, corpus: TokenizedCorpus, teacher, hel
 
 # Held out, with logprobs: estimates from the API's top-k without the sampled token's own logprob
 # (which the teacher's draw decides), so that the black-box NLL may score them.
-TOPK_ONLY = ("posterior (top-k only)", "top-k alone")
+TOPK_ONLY = ("posterior (top-k only)", "top-k alone (top-k only)")
 
 
 def _covering(acc: dict, names: tuple[str, ...]) -> list[str]:

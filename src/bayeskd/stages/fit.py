@@ -5,10 +5,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+import torch
+
+from bayeskd import metrics as M
 from bayeskd.config import Config, TrainConfig
-from bayeskd.data import Collator, TargetSource, pack
-from bayeskd.models import load_causal_lm
 from bayeskd.corpus import TokenizedCorpus
+from bayeskd.data import Collator, TargetSource, pack
+from bayeskd.errors import BayeskdError
+from bayeskd.losses import make_loss_fn
+from bayeskd.models import load_causal_lm
 from bayeskd.training import LossFn, train
 
 
@@ -23,11 +28,18 @@ def fit(
 ) -> dict:
     """Train `train_cfg.model` on the corpus's training prompts; evaluate on the held-out ones.
 
+    With `train_cfg.select: best_validation` the model kept is the one with the lowest NLL of
+    the teacher's tokens on the validation split (no oracle, nothing held out is read).
     Returns the summary: steps, final train loss, held-out loss, where the model was saved.
     A rerun after a crash resumes from `out/checkpoints`.
     """
     train_set = corpus.subset("train")
     eval_set = corpus.subset("heldout")
+    select_set = None
+    if train_cfg.select == "best_validation":
+        select_set = corpus.subset("validation")
+        if not len(select_set):
+            raise BayeskdError("train.select=best_validation needs a validation split: set data.validation_fraction > 0 (e.g. 0.1)")
     collate = Collator(corpus.tokenizer.pad_token_id, targets=targets or {}, weights=weights)
     if cfg.data.packing:
         train_set = pack(train_set, cfg.data.max_length, seed=train_cfg.seed)
@@ -41,6 +53,8 @@ def fit(
         out,
         collate_fn=collate,
         eval_data=eval_set if len(eval_set) and not targets else None,
+        select_data=select_set,
+        select_loss_fn=make_loss_fn() if select_set is not None else None,
         tokenizer=corpus.tokenizer,
     )
     return {
@@ -51,3 +65,19 @@ def fit(
         **{k: v for k, v in result.last.items() if k != "step"},
         "model": str(result.final_dir),
     }
+
+
+def validation_nll(corpus: TokenizedCorpus, model_dir: str | Path, batch_size: int = 8) -> float:
+    """Mean NLL per token of the teacher's responses on the validation split under a model: the
+    black-box score (H(p_T) + KL(p_T || model) in expectation) that choosing among students uses."""
+    indices = corpus.indices("validation")
+    if not indices:
+        raise BayeskdError("choosing a student needs a validation split: set data.validation_fraction > 0 (e.g. 0.1)")
+    model = load_causal_lm(str(model_dir))
+    total = n = 0.0
+    with torch.inference_mode():
+        for rb in corpus.batches(indices, batch_size, "validation NLL"):
+            for z, y in zip(rb.logits(model), rb.labels()):
+                total += float(M.token_nll(z, y).sum())
+                n += len(y)
+    return total / max(n, 1)

@@ -23,7 +23,7 @@ from bayeskd import blackbox, ngram
 from bayeskd.artifacts import Run, fingerprint_file, write_json_atomic
 from bayeskd.config import Config
 from bayeskd.corpus import TokenizedCorpus, load_corpus
-from bayeskd.estimate import TARGET_SETS, estimate, load_prior, record_evidence, topk_targets
+from bayeskd.estimate import TARGET_SETS, estimate, load_prior, record_evidence, sampling_of, topk_targets
 from bayeskd.evidence import EvidenceMapper
 from bayeskd.models import check_same_tokenizer, load_causal_lm
 from bayeskd.stages.proxy import proxy_model
@@ -39,6 +39,8 @@ def run_posterior(cfg: Config, run: Run, force: bool = False) -> dict | None:
         "prior": cfg.prior.identity(),
         "data": cfg.data.identity(),
     }
+    if not sampling_of(cfg).identity:  # the API's logprobs are converted to the sampled distribution
+        stage_cfg["sampling"] = sampling_of(cfg)._asdict()
     inputs = {
         "corpus": corpus.corpus_fp,
         "tokenizer": corpus.tokenizer_fp,
@@ -69,6 +71,7 @@ def _compute(cfg: Config, corpus: TokenizedCorpus, prior: ngram.NGramPrior, prox
     mapper = EvidenceMapper(corpus.tokenizer)  # the API's top-k: `topk` targets always, the posterior's evidence if asked
     writer = TargetWriter(out / "targets", TARGET_SETS, p.top_k)
     generator = torch.Generator().manual_seed(p.seed)
+    sampling = sampling_of(cfg)
     loglik = np.full(len(corpus.records), np.nan)
     t_proxy = t_total = 0.0
     entropies = []
@@ -82,8 +85,8 @@ def _compute(cfg: Config, corpus: TokenizedCorpus, prior: ngram.NGramPrior, prox
             loo = targets[sl] if cfg.prior.leave_one_out and corpus.split_of(row["prompt_id"]) == "train" else None
             ev = record_evidence(mapper, record, corpus.tokenizer, cfg.data.template, len(z), p.top_logprobs)
             evidence = ev if p.use_logprobs else None
-            dists, ent = estimate(prior, contexts[sl], loo, z, p, cfg.prior.top_k, evidence, generator)
-            dists["topk"] = topk_targets(ev, len(z))
+            dists, ent = estimate(prior, contexts[sl], loo, z, p, cfg.prior.top_k, evidence, generator, sampling=sampling)
+            dists["topk"] = topk_targets(ev, len(z), sampling)
             writer.add(row["index"], dists, ent)
             entropies.append(ent)
             labels = torch.from_numpy(targets[sl].astype(np.int64))

@@ -53,7 +53,7 @@ from bayeskd.config import Config
 from bayeskd.corpus import TokenizedCorpus, load_corpus
 from bayeskd.data import tokenize_record
 from bayeskd.distributions import PAD
-from bayeskd.estimate import TARGET_SETS, estimate, load_prior, proxy_strength, response_spans
+from bayeskd.estimate import TARGET_SETS, estimate, load_prior, proxy_strength, response_spans, sampling_of
 from bayeskd.evidence import EvidenceMapper
 from bayeskd.store import Budget, Ledger, ResponseStore
 from bayeskd.targets import TargetStore, TargetWriter
@@ -272,7 +272,7 @@ class Prober:
                         c_ids[i, j], c_n[i, j] = w, n
                 loo = self.tokens[mine] if self.loo else None
                 dists, ent = estimate(self.prior, self.contexts[mine], loo, z, self.cfg.posterior, self.cfg.prior.top_k,
-                                      ev, self.generator, teacher_counts=(c_ids, c_n))  # fmt: skip
+                                      ev, self.generator, teacher_counts=(c_ids, c_n), sampling=sampling_of(self.cfg))  # fmt: skip
                 post = dists["posterior"]
                 self.post_ids[mine], self.post_probs[mine], self.post_tail[mine] = post.ids, post.probs, post.tail
                 self.entropy[mine] = ent

@@ -192,6 +192,23 @@ def sample(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
     return out
 
 
+def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The distribution `sample` draws from, [..., V]: softmax(z / T) cut to its nucleus (the
+    tokens, in decreasing probability, while the mass before them is below top_p), renormalised;
+    T = 0: the argmax. What the oracle measures and the estimate targets (`distributions.Sampling`)."""
+    z = logits.float()
+    if temperature <= 0:
+        return torch.nn.functional.one_hot(z.argmax(-1), z.shape[-1]).to(z.dtype)
+    p = torch.softmax(z / temperature, -1)
+    if top_p >= 1:
+        return p
+    sorted_p, order = p.sort(dim=-1, descending=True)
+    drop = sorted_p.cumsum(-1) - sorted_p >= top_p
+    kept = sorted_p.masked_fill(drop, 0.0)
+    out = torch.zeros_like(p).scatter_(-1, order, kept)
+    return out / out.sum(-1, keepdim=True)
+
+
 def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Index i with F(i-1) <= u F(V) < F(i) per row of non-negative weights [b, V], F their cumulative sum."""
     cdf = weights.cumsum(-1)
