@@ -31,7 +31,8 @@ from pathlib import Path
 from claim import STUDENT_FIELDS, bayeskd, load_bench_config, summarise, write_record  # bench/claim.py, beside this script
 
 SHARED = ("collect", "prior", "proxy")
-FIDELITY = ("prior", "proxy", "posterior-no-logprobs", "posterior", "one-hot+proxy", "one-hot+posterior")
+FIDELITY = ("prior", "proxy", "posterior-no-logprobs", "posterior", "top-k alone", "posterior (top-k only)",
+            "top-k alone (top-k only)", "one-hot+proxy", "one-hot+posterior")
 
 
 def link_stages(src: Path, dst: Path, stages: tuple[str, ...]) -> None:
@@ -130,9 +131,10 @@ def tables(record: dict) -> str:
         fd, ff = reg["fidelity"]["defaults"], reg["fidelity"]["fitted"]
         bd, bf = (fd.get("blackbox") or {}).get("estimates", {}), (ff.get("blackbox") or {}).get("estimates", {})
         for name in FIDELITY:
-            if name in fd:
+            if name in fd or name in bd:
+                kl = [f"{(f.get(name) or b.get(name))['kl']:.3f}" if name in f or name in b else "-" for f, b in ((fd, bd), (ff, bf))]
                 nll = [f"{b[name]['nll']:.3f}" if name in b else "-" for b in (bd, bf)]
-                lines.append(f"| {name} | {fd[name]['kl']:.3f} | {ff[name]['kl']:.3f} | {nll[0]} | {nll[1]} |")
+                lines.append(f"| {name} | {kl[0]} | {kl[1]} | {nll[0]} | {nll[1]} |")
         taus = [f"{(x.get('blackbox') or {}).get('kendall_tau', float('nan')):.2f}" for x in (fd, ff)]
         lines += ["", f"Black-box vs oracle rank agreement (Kendall's tau): defaults {taus[0]}, fitted {taus[1]}.", ""]
     return "\n".join(lines)

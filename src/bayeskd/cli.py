@@ -68,7 +68,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from bayeskd.teachers.server import serve
 
         t = cfg.teacher
-        serve(LocalTeacher(t.model, device=t.device, dtype=t.dtype, batch_size=cfg.serve.max_batch), cfg.serve)
+        serve(LocalTeacher(t.model, device=t.device, dtype=t.dtype, batch_size=cfg.serve.max_batch), cfg.serve, cfg.serve.model_name)
         return 0
 
     from bayeskd.artifacts import Run, writing

@@ -304,6 +304,10 @@ class DataConfig:
     """Pack several examples into one row of `max_length` instead of padding each (training only)."""
     heldout_fraction: float = 0.1
     """Share of prompts (by a hash of the prompt id) held out from training, for evaluation."""
+    split: Literal["hash", "prompts"] = "hash"
+    """How prompts are split into train, validation and held-out: `hash`, by hashes of the prompt id
+    (`heldout_fraction`, `validation_fraction`); `prompts`, as each prompt's `split` field in a
+    .jsonl prompts file says (`train`, `validation` or `heldout`): a task suite's own splits."""
     validation_fraction: float = 0.0
     """Share of the other prompts (by another hash) kept out of training and out of `eval`: what
     `posterior.fit: auto` fits on. 0: no validation split."""
@@ -321,7 +325,8 @@ class DataConfig:
         """The fields that decide the tokens and the split (all but `num_proc`): what stage
         fingerprints include, so that changing the process count rebuilds nothing. Without a
         validation split its field is left out, so that runs made before it existed stay valid."""
-        return _fields_except(self, "num_proc", *(() if self.validation_fraction else ("validation_fraction",)))
+        return _fields_except(self, "num_proc", *(() if self.validation_fraction else ("validation_fraction",)),
+                              *(() if self.split != "hash" else ("split",)))  # fmt: skip
 
     def validate(self, path: str) -> None:
         _check(self.max_length >= 8, f"{path}.max_length", self.max_length, "must be >= 8")
@@ -630,6 +635,9 @@ class ServeConfig:
     """Bind address. Loopback by default; bind elsewhere only on purpose."""
     port: int = 8000
     """TCP port; 0 picks a free one."""
+    model_name: str | None = None
+    """The model name clients ask for (vLLM's --served-model-name); null: teacher.model. A name
+    lets clients address a private model without knowing where its weights live."""
     api_key_env: str | None = None
     """If set, the environment variable holding the bearer token that clients must send."""
     max_tokens_limit: int = 1024

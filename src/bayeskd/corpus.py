@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from bayeskd.artifacts import Run
 from bayeskd.config import Config
-from bayeskd.data import Collator, build_dataset, read_corpus, response_logits, response_positions, split_of
+from bayeskd.data import Collator, build_dataset, read_corpus, record_split, response_logits, response_positions, split_of
 from bayeskd.errors import BayeskdError
 from bayeskd.models import load_tokenizer, tokenizer_fingerprint
 
@@ -52,9 +52,12 @@ class TokenizedCorpus:
     corpus_fp: str
     heldout_fraction: float
     validation_fraction: float = 0.0
+    named_splits: dict[str, str] | None = None  # `data.split: prompts`: prompt id -> the split its prompt named
 
     def split_of(self, prompt_id: str) -> str:
-        """`train`, `validation` or `heldout` (see `data.split_of`)."""
+        """`train`, `validation` or `heldout` (see `data.split_of`; `data.split: prompts`: as the prompts file named it)."""
+        if self.named_splits is not None:
+            return self.named_splits[prompt_id]
         return split_of(prompt_id, self.heldout_fraction, self.validation_fraction)
 
     def indices(self, split: str) -> list[int]:
@@ -90,7 +93,7 @@ def select_records(records: list[dict], cfg: Config) -> list[dict]:
     d = cfg.data
 
     def train(r: dict) -> bool:
-        return split_of(r["prompt_id"], d.heldout_fraction, d.validation_fraction) == "train"
+        return record_split(r, d.split, d.heldout_fraction, d.validation_fraction) == "train"
 
     if d.samples is not None:
         records = [r for r in records if r.get("sample_index", 0) < d.samples or not train(r)]
@@ -120,5 +123,6 @@ def load_corpus(cfg: Config, run: Run) -> TokenizedCorpus:
     if d.samples is not None or d.train_prompts is not None:
         # A selection is another corpus: stored targets and tables keyed by the whole one must not match it.
         corpus_fp = f"{corpus_fp}:samples={d.samples}:train_prompts={d.train_prompts}"
+    named = None if d.split == "hash" else {r["prompt_id"]: record_split(r, d.split, 0, 0) for r in records}
     return TokenizedCorpus(records, dataset, tokenizer, tokenizer_fingerprint(tokenizer), corpus_fp, d.heldout_fraction,
-                           d.validation_fraction)  # fmt: skip
+                           d.validation_fraction, named)  # fmt: skip

@@ -30,6 +30,7 @@ import torch
 from datasets import Dataset
 from torch import Tensor
 
+from bayeskd.errors import BayeskdError
 from bayeskd.distributions import SparseDist
 from bayeskd.losses import IGNORE_INDEX, LOSS_TARGETS
 
@@ -161,6 +162,23 @@ def split_of(prompt_id: str, heldout_fraction: float, validation_fraction: float
     if is_heldout(prompt_id, heldout_fraction):
         return "heldout"
     return "validation" if is_heldout(prompt_id, validation_fraction, salt="validation") else "train"
+
+
+SPLITS = ("train", "validation", "heldout")
+
+
+def record_split(record: dict, split: str, heldout_fraction: float, validation_fraction: float) -> str:
+    """A record's split: by the hashes of `split_of` (`data.split: hash`), or (`prompts`) the one its
+    prompt named in the prompts file (`split`), as a task suite with its own splits has them."""
+    if split == "hash":
+        return split_of(record["prompt_id"], heldout_fraction, validation_fraction)
+    named = record.get("split")
+    if named not in SPLITS:
+        raise BayeskdError(
+            f"data.split=prompts: prompt {record['prompt_id']!r} has split {named!r}; every prompt in "
+            f"collect.prompts needs a `split` field, one of {', '.join(SPLITS)}"
+        )
+    return named
 
 
 # ---------------------------------------------------------------- packing

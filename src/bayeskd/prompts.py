@@ -13,6 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 from bayeskd.config import CollectConfig
+from bayeskd.data import SPLITS
 from bayeskd.errors import BayeskdError
 
 
@@ -29,7 +30,12 @@ def load_prompts(cfg: CollectConfig, seed: int) -> list[dict]:
             messages = [{"role": "user", "content": text}]
         if cfg.system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": cfg.system_prompt}, *messages]
-        prompts.append({"id": str(row.get("id", i)), "messages": messages, "answer": row.get("answer")})
+        prompt = {"id": str(row.get("id", i)), "messages": messages, "answer": row.get("answer")}
+        if row.get("split") is not None:  # a suite's own split (`data.split: prompts`)
+            if row["split"] not in SPLITS:
+                raise BayeskdError(f"collect.prompts: prompt {i} has split {row['split']!r}; expected one of {', '.join(SPLITS)}")
+            prompt["split"] = row["split"]
+        prompts.append(prompt)
     if cfg.shuffle:
         random.Random(seed).shuffle(prompts)
     if cfg.limit is not None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bayeskd.artifacts import Run
 from bayeskd.config import Config
-from bayeskd.data import read_corpus, split_of
+from bayeskd.data import read_corpus, record_split
 from bayeskd.errors import BayeskdError
 from bayeskd.models import build_tiny
 
@@ -25,7 +25,7 @@ def training_texts(cfg: Config, run: Run) -> list[str]:
     d = cfg.data
     texts = []
     for r in read_corpus(path):
-        if split_of(r["prompt_id"], d.heldout_fraction, d.validation_fraction) == "train":
+        if record_split(r, d.split, d.heldout_fraction, d.validation_fraction) == "train":
             texts += [m["content"] for m in r["messages"]] + [r["text"]]
     if not texts:
         raise BayeskdError(f"{path} has no training responses to train a tokenizer on")

@@ -208,3 +208,14 @@ def test_corpus_selection_cuts_training_prompts_and_samples_but_keeps_the_heldou
     assert {r["prompt_id"] for r in train} == set(list(dict.fromkeys(train_ids))[:5])  # the first five, in corpus order
     assert sorted({r["sample_index"] for r in train}) == [0, 1] and len(train) == 10
     assert select_records(records, Config()) == records
+
+
+def test_a_suites_own_splits_or_a_clear_error():
+    from bayeskd.data import record_split, split_of
+    from bayeskd.errors import BayeskdError
+
+    r = {"prompt_id": "add/3", "split": "validation"}
+    assert record_split(r, "prompts", 0.5, 0.5) == "validation"
+    assert record_split(r, "hash", 0.3, 0.2) == split_of("add/3", 0.3, 0.2)  # the field is ignored by hash
+    with pytest.raises(BayeskdError, match="data.split=prompts: prompt 'add/4' has split None"):
+        record_split({"prompt_id": "add/4"}, "prompts", 0.1, 0.0)

@@ -147,6 +147,9 @@ def _body(prompt: dict, sample_index: int, choice: Choice) -> dict:
 
 
 def _write_corpus(path: Path, store: ResponseStore, prompts: list[dict], keys: list[list[str]]) -> int:
-    rows = [store.get(k) for ks in keys for k in ks if k in store]
+    # A prompt's own split (`data.split: prompts`) comes from the prompts file as it is now, not
+    # from the store: the same answer may have been paid for under another split.
+    rows = [{**store.get(k), **({"split": p["split"]} if "split" in p else {})}
+            for p, ks in zip(prompts, keys) for k in ks if k in store]  # fmt: skip
     write_jsonl_atomic(path, rows)  # fsynced, renamed into place; a full disk names the path
     return len(rows)

@@ -115,6 +115,8 @@ def run_distill(cfg: Config, run: Run, force: bool = False) -> dict | None:
         points = grid(cfg, mode)
         stage_cfg = {"mode": mode, "loss": loss_weights(d.lambda_ce, shares, d.kd_weight), "tau": d.tau,
                      "train": d.train.identity(), "data": cfg.data.identity()}  # fmt: skip
+        if weights is not None:  # a student trained when the weights also scaled the CE is another student
+            stage_cfg["sample_weights"] = "kl-only"
         if len(points) > 1:
             stage_cfg["fit"] = {"kd_weight": sorted({w for w, _ in points}), "tau": sorted({t for _, t in points})}
         inputs = {"corpus": corpus.corpus_fp, "tokenizer": corpus.tokenizer_fp, **extra}
