@@ -85,15 +85,18 @@ def regime_record(r: int, default: dict[int, dict], fitted: dict[int, dict], sha
         s = {m: v for m, v in shared[seed]["students"].items() if m in ("sft", "proxy-kd", "oracle-kd")}
         s.update(default[seed]["students"])
         s["bayes (defaults)"] = s.pop("bayes")
-        s["bayes (fitted)"] = fitted[seed]["students"]["bayes"]
+        if fitted:
+            s["bayes (fitted)"] = fitted[seed]["students"]["bayes"]
         per_seed[seed] = {k: v for k, v in s.items()}
     first = min(default)
-    fit = json.loads((variant_dir(root, r, True) / "posterior" / "manifest.json").read_text())["summary"]["fit"]
+    fitted_manifest = variant_dir(root, r, True) / "posterior" / "manifest.json"
+    fit = json.loads(fitted_manifest.read_text())["summary"]["fit"] if fitted else None
     baseline = "topk-kd" if r else "proxy-kd"
     summary = summarise(per_seed)
     verdict = {}
+    judged = "bayes (fitted)" if fitted else "bayes (defaults)"
     for f in ("bpb", "kl_teacher"):
-        b, base = summary["bayes (fitted)"][f], summary[baseline][f]
+        b, base = summary[judged][f], summary[baseline][f]
         gap = base["mean"] - b["mean"]
         verdict[f] = {"gap": gap, "two_std": 2 * max(b["std"], base["std"]), "beats": gap > 2 * max(b["std"], base["std"])}
     return {
@@ -101,8 +104,9 @@ def regime_record(r: int, default: dict[int, dict], fitted: dict[int, dict], sha
         "baseline": baseline,
         "students": summary,
         "per_seed": per_seed,
+        "judged": judged,
         "fidelity": {"defaults": default[first]["estimates"].get("heldout", {}),
-                     "fitted": fitted[first]["estimates"].get("heldout", {})},  # fmt: skip
+                     "fitted": fitted[first]["estimates"].get("heldout", {}) if fitted else {}},  # fmt: skip
         "fit": fit,
         "verdict": verdict,
     }
@@ -119,11 +123,11 @@ def tables(record: dict) -> str:
             cells = [f"{s[f]['mean']:.3f} ± {s[f]['std']:.3f}" if f in s else "-" for f in STUDENT_FIELDS[:3]]
             lines.append(f"| {mode} | " + " | ".join(cells) + " |")
         v = reg["verdict"]
-        lines += ["", "bayes (fitted) − " + reg["baseline"] + ": " + "; ".join(
+        lines += ["", reg["judged"] + " − " + reg["baseline"] + ": " + "; ".join(
             f"{f} {-v[f]['gap']:+.3f} (2 std: {v[f]['two_std']:.3f}, {'beats' if v[f]['beats'] else 'does not beat'})"
             for f in ("bpb", "kl_teacher")) + ".", ""]  # fmt: skip
-        c = reg["fit"]["chosen"]
-        lines += [f"Fitted on {reg['fit']['positions']} validation positions: order {c['order']}, mu {c['mu']:g}, "
+        c = (reg["fit"] or {}).get("chosen")
+        lines += [] if c is None else [f"Fitted on {reg['fit']['positions']} validation positions: order {c['order']}, mu {c['mu']:g}, "
                   f"M {c['m']:g}, tau_P {c['proxy_temperature']:g} (black-box NLL {reg['fit']['nll']:.3f}; "
                   f"at the configured values {reg['fit']['nll_at_configured']})."]  # fmt: skip
         lines += ["", "| held-out estimate | KL, defaults | KL, fitted | black-box NLL, defaults | black-box NLL, fitted |",
@@ -132,7 +136,7 @@ def tables(record: dict) -> str:
         bd, bf = (fd.get("blackbox") or {}).get("estimates", {}), (ff.get("blackbox") or {}).get("estimates", {})
         for name in FIDELITY:
             if name in fd or name in bd:
-                kl = [f"{(f.get(name) or b.get(name))['kl']:.3f}" if name in f or name in b else "-" for f, b in ((fd, bd), (ff, bf))]
+                kl = [f"{(f.get(name) or b.get(name))['kl']:.3f}" if name in f or name in b else "-" for f, b in ((fd, bd), (ff, bf))]  # noqa: E501
                 nll = [f"{b[name]['nll']:.3f}" if name in b else "-" for b in (bd, bf)]
                 lines.append(f"| {name} | {kl[0]} | {kl[1]} | {nll[0]} | {nll[1]} |")
         taus = [f"{(x.get('blackbox') or {}).get('kendall_tau', float('nan')):.2f}" for x in (fd, ff)]
@@ -170,6 +174,8 @@ def main() -> None:
     parser.add_argument("--config", default="bench/regimes.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--regimes", type=int, nargs="+", default=[0, 5, 20])
+    parser.add_argument("--variants", nargs="+", choices=["default", "fit"], default=["default", "fit"],
+                        help="the posteriors whose students to train: the configured defaults, posterior.fit: auto")
     parser.add_argument("--out", default="bench/out/claim")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides for every run")
     args = parser.parse_args()
@@ -181,12 +187,13 @@ def main() -> None:
     results = {}
     for r in args.regimes:
         for fit in (False, True):
-            results[r, fit] = run_variant(args, base, r, fit, r == shared_regime and not fit, args.overrides)
+            if ("fit" if fit else "default") in args.variants:
+                results[r, fit] = run_variant(args, base, r, fit, r == shared_regime and not fit, args.overrides)
     shared = results[shared_regime, False]
     record = {
         "seeds": args.seeds,
         "corpus": json.loads((base / "collect" / "manifest.json").read_text())["summary"],
-        "regimes": [regime_record(r, results[r, False], results[r, True], shared, base) for r in args.regimes],
+        "regimes": [regime_record(r, results[r, False], results.get((r, True)), shared, base) for r in args.regimes],
         "seconds": time.perf_counter() - started,
     }
     md = tables(record)
