@@ -452,6 +452,7 @@ def train(
                 if value < best.get("best_loss", math.inf):
                     best = {"best_loss": value, "best_step": step}
                     _save_final(accelerator, model, out, tokenizer, cfg.lora.enabled, name="best")
+                    model.train()  # the save hands back the model in eval mode; training goes on
                 record.update(best)
             last = log.write({"step": step, **record})
         if _due(step, cfg.save_every) or final_step:
