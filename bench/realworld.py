@@ -219,7 +219,7 @@ class Scorer:
         self.items = suite.items("heldout")
         self.cache_path = out / "scores.json"
         self.cache = json.loads(self.cache_path.read_text()) if self.cache_path.is_file() else {}
-        self.scoring = rt.Scoring(max_new_tokens=8)
+        self.scoring = rt.Scoring()  # bench/realworld_teacher.py's: 24 tokens, room for the public model's wordy answers
         key = f"teacher:{teacher}"
         if key not in self.cache:
             self.cache[key] = {"responses": rt.generate(load_causal_lm(str(teacher)), load_tokenizer(str(teacher)),
