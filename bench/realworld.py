@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -149,6 +150,12 @@ def served(model: Path, config: str):
 # ------------------------------------------------------------------------------ the runs
 
 
+@functools.cache
+def corpus_rows(path: Path) -> list[dict]:
+    """A finished collect's records (read once: every variant and seed links the same corpus)."""
+    return [json.loads(x) for x in path.resolve().read_text().splitlines()]
+
+
 class Bench:
     def __init__(self, args, size: dict, base: Path, suite, teacher: Path, url: str):
         self.args, self.size, self.base, self.suite, self.teacher = args, size, base, suite, teacher
@@ -160,8 +167,7 @@ class Bench:
         return max(1, math.ceil(epochs * examples / batch))
 
     def train_examples(self, root: Path) -> int:
-        rows = [json.loads(x) for x in (root / "collect" / "corpus.jsonl").read_text().splitlines()]
-        return sum(r.get("split") == "train" for r in rows)
+        return sum(r.get("split") == "train" for r in corpus_rows(root / "collect" / "corpus.jsonl"))
 
     def base_run(self) -> None:
         bayeskd("collect", *self.common)
@@ -502,7 +508,7 @@ def efficiency(bench: Bench, scorer: Scorer, seed: int) -> dict:
         over = [*over, *extra]
         run = bench.students(root, over, seed, ["sft", "bayes"], name=f"seed{seed}" if share == "1" else f"eff-seed{seed}",
                              extra=extra)  # fmt: skip
-        corpus = [json.loads(x) for x in (bench.base / "collect" / "corpus.jsonl").read_text().splitlines()]
+        corpus = corpus_rows(bench.base / "collect" / "corpus.jsonl")
         kept = {it.id for it in bench.suite.items("train")[:k]}
         tokens = sum(r["usage"].get("completion_tokens", 0) + r["usage"].get("prompt_tokens", 0)
                      for r in corpus if r["prompt_id"] in kept)  # fmt: skip

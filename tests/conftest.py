@@ -78,6 +78,22 @@ def tiny_lm(tmp_path_factory, corpus_records):
     return build_tiny(tmp_path_factory.mktemp("tiny-lm"), texts, vocab_size=300, seed=0)
 
 
+@pytest.fixture(scope="session")
+def teacher_logits(tiny_lm, corpus_records):
+    """The tiny LM as a teacher: its logits [P, V] (float64) at every response position of the corpus."""
+    import torch
+
+    from bayeskd.data import build_dataset
+    from bayeskd.models import load_causal_lm, load_tokenizer
+
+    data = build_dataset(corpus_records, load_tokenizer(str(tiny_lm)), "chat", 128)
+    batch = torch.nn.utils.rnn.pad_sequence([torch.tensor(x) for x in data["input_ids"]], batch_first=True)
+    with torch.no_grad():
+        logits = load_causal_lm(str(tiny_lm))(input_ids=batch).logits
+    ends = zip(data["input_ids"], data["n_response"])
+    return torch.cat([logits[i, len(x) - n - 1 : len(x) - 1] for i, (x, n) in enumerate(ends)]).double()
+
+
 TRAIN_SCRIPT = '''"""A tiny training run for tests: python train_script.py SPEC_JSON (also imported with runpy)."""
 import json
 import sys

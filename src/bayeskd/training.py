@@ -48,7 +48,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformers import get_scheduler
+from transformers import AutoModelForCausalLM, get_scheduler
 
 from bayeskd.artifacts import writing
 from bayeskd.config import LoraConfig, TrainConfig
@@ -463,12 +463,15 @@ def train(
         # Killed after the last checkpoint: no step ran now, so the summary takes the logged last step.
         lines = (out / LOG_NAME).read_text().splitlines()
         last = json.loads(lines[-1]) if lines else {}
-    trained, final = _save_final(accelerator, model, out, tokenizer, cfg.lora.enabled)
-    if selecting:  # the best model replaces the last one
-        if accelerator.is_main_process:
-            shutil.copytree(out / "best", out / ".tmp-selected")
-            _replace_dir(out / ".tmp-selected", final)
+    if not selecting:
+        trained, final = _save_final(accelerator, model, out, tokenizer, cfg.lora.enabled)
+    else:  # the best-scored model, saved as it came (out/best, LoRA merged), becomes final/
+        final = out / "final"
+        if accelerator.is_main_process:  # a copy, not a move: a rerun after a kill here finds best/ again
+            shutil.rmtree(out / ".tmp-final", ignore_errors=True)  # left by a kill mid-copy
+            shutil.copytree(out / "best", out / ".tmp-final")
+            _replace_dir(out / ".tmp-final", final)
         accelerator.wait_for_everyone()
-        trained = type(trained).from_pretrained(final).eval()
+        trained = AutoModelForCausalLM.from_pretrained(final).eval()
         last = {**last, **best}
     return TrainResult(trained, final, max(start, cfg.max_steps), start or None, last)

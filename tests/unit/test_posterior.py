@@ -218,38 +218,6 @@ def test_target_store_round_trips_and_rejects_mismatches(tmp_path):
         store.table("proxy")
 
 
-@pytest.mark.parametrize("mode", ["expected", "sampled"])
-def test_m_inf_is_the_proxy_alone_and_writes_finite_targets(prior, mode, tmp_path):
-    """posterior.m = .inf (a point of posterior.fit_m) used to give NaN rows that the writer refused."""
-    model, ctx, tgt, z = setup(prior)
-    dists, ent = estimate(model, ctx, tgt, z, PosteriorConfig(mode=mode, m=float("inf"), top_k=V), k_prior=V,
-                          generator=torch.Generator().manual_seed(0))  # fmt: skip
-    assert np.allclose(dense(dists["posterior"]), torch.softmax(z.double(), -1).numpy(), atol=1e-6)
-    writer = TargetWriter(tmp_path / "t", ("prior", "posterior", "proxy"), V)
-    writer.add(0, dists, ent)
-    writer.close({})
-    assert np.isfinite(TargetStore.open(tmp_path / "t").rows(0, "posterior_probs").astype(float)).all()
-
-
-def test_stored_rows_never_sum_above_one(tmp_path):
-    """float16 rounds 0.6 up to 0.60009...: rounded to nearest, rows of such values summed above 1
-    and the tail (clipped at 0) could not absorb it. Stored values are rounded toward zero."""
-    rng = np.random.default_rng(0)
-    probs = rng.dirichlet(np.full(8, 0.3), size=4000)
-    probs[0] = [0.6, 0.2, 0.1, 0.1, 0, 0, 0, 0]
-    assert (probs.astype(np.float16).astype(np.float64).sum(1) > 1).any()  # the failure this guards against
-    ids = np.tile(np.arange(8, dtype=np.int32), (len(probs), 1))
-    writer = TargetWriter(tmp_path / "t", ("posterior",), 8)
-    writer.add(0, {"posterior": SparseDist(ids, probs, np.zeros(len(probs)))}, np.zeros(len(probs)))
-    writer.close({})
-    store = TargetStore.open(tmp_path / "t")
-    stored = store.rows(0, "posterior_probs").astype(np.float64)
-    tail = store.rows(0, "posterior_tail").astype(np.float64)
-    assert (stored.sum(1) <= 1.0).all() and (tail >= 0).all()
-    np.testing.assert_allclose(stored.sum(1) + tail, 1.0, atol=1e-6)
-    np.testing.assert_allclose(stored, probs, atol=1e-3)
-
-
 @pytest.mark.parametrize("mode", ["expected", "sampled", "product"])
 def test_teacher_counts_update_the_posterior_by_the_closed_form(prior, mode):
     """(kappa p_prior + M p_P + c_T) / (kappa + M + n_T): with K = V the stored posterior is exact."""
