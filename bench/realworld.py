@@ -186,21 +186,23 @@ class Bench:
                 f"distill.train.seed={seed}", f"distill.train.init={init}",
                 *self.proxy_overrides(examples)]  # fmt: skip
 
-    def variant(self, r: int, fit: bool, base: Path | None = None, tag: str = "") -> tuple[Path, list[str]]:
+    def variant(self, r: int, fit: bool, base: Path | None = None, tag: str = "",
+                extra: tuple[str, ...] = ()) -> tuple[Path, list[str]]:  # fmt: skip
         """The posterior of one (regime, fit) over `base`'s shared stages; returns its folder and overrides."""
         base = base or self.base
         root = base.parent / f"top{r}-{'fit' if fit else 'default'}{tag}"
         link_stages(base, root, SHARED)
-        over = [*self.common, *regime_overrides(r), f"posterior.fit={'auto' if fit else 'none'}"]
+        over = [*self.common, *regime_overrides(r), f"posterior.fit={'auto' if fit else 'none'}", *extra]
         bayeskd("posterior", *over, f"run_dir={root}", *self.proxy_overrides(self.train_examples(base)))
         return root, over
 
     def students(self, root: Path, over: list[str], seed: int, modes: list[str], init: str = "pretrained",
-                 name: str | None = None, extra: tuple[str, ...] = ()) -> Path:  # fmt: skip
-        """Train and evaluate `modes` in root/<name or seed{seed}>; returns that folder."""
+                 name: str | None = None, extra: tuple[str, ...] = (), examples: int | None = None) -> Path:  # fmt: skip
+        """Train and evaluate `modes` in root/<name or seed{seed}> for `epochs` over `examples` (the
+        whole training split unless given); returns that folder."""
         run = root / (name or f"seed{seed}")
         link_stages(root, run, (*SHARED, "posterior"))
-        examples = self.train_examples(root)
+        examples = examples or self.train_examples(root)
         args = [*over, *extra, f"run_dir={run}", f"distill.modes=[{', '.join(modes)}]",
                 *self.student_overrides(examples, seed, init), f"eval.estimates={str(seed == self.args.seeds[0]).lower()}"]
         bayeskd("distill", *args)
@@ -416,7 +418,7 @@ def main() -> None:
                 record["ablation"][f"top{r}"] = student_rows(run, scorer, examples)
             lap("ablation")
         if "efficiency" in args.phases:
-            record["efficiency"] = efficiency(bench, scorer, args.seeds[0])
+            record["efficiency"] = efficiency(bench, scorer, args.seeds[0], top)
             lap("efficiency")
         if "scratch" in args.phases:
             r = 5 if 5 in args.regimes else top
@@ -490,8 +492,16 @@ def proxy_kl(bench: Bench, teacher: Path, models: dict[str, Path], positions: in
     return {name: sums[name] / max(n, 1) for name in loaded}
 
 
-def efficiency(bench: Bench, scorer: Scorer, seed: int) -> dict:
-    """sft and bayes (no logprobs) on 1/4, 1/2 and all of the training prompts: what sft needs to match bayes on all."""
+def api_tokens(records: list[dict], prompt_ids: set[str]) -> int:
+    """What the API billed for these prompts' records: each call's usage once (the `n` samples of
+    one call share its usage, whose prompt tokens are billed once and completion tokens summed)."""
+    calls = {r["call"]: r["usage"] for r in records if r["prompt_id"] in prompt_ids}
+    return sum(u.get("prompt_tokens", 0) + u.get("completion_tokens", 0) for u in calls.values())
+
+
+def efficiency(bench: Bench, scorer: Scorer, seed: int, top: int) -> dict:
+    """sft and bayes (no logprobs) on 1/4, 1/2 and all of the training prompts: what sft needs to
+    match bayes on all. On all of them both students are the students phase's (seed `seed`)."""
     n_train = len(bench.suite.items("train"))
     rows = []
     for share in ("1/4", "1/2", "1"):
@@ -504,21 +514,27 @@ def efficiency(bench: Bench, scorer: Scorer, seed: int) -> dict:
             for stage in ("prior", "proxy"):
                 bayeskd(stage, *bench.common, *extra, f"run_dir={sub_base}",
                         *bench.proxy_overrides(bench.train_examples(bench.base) * k // n_train))  # fmt: skip
-        root, over = bench.variant(0, False, base=sub_base, tag=tag)
-        over = [*over, *extra]
-        run = bench.students(root, over, seed, ["sft", "bayes"], name=f"seed{seed}" if share == "1" else f"eff-seed{seed}",
-                             extra=extra)  # fmt: skip
-        corpus = corpus_rows(bench.base / "collect" / "corpus.jsonl")
+        examples = bench.train_examples(bench.base) * k // n_train
+        root, over = bench.variant(0, False, base=sub_base, tag=tag, extra=extra)
+        if share == "1":  # the students phase's: bayes of regime 0, and sft (the same in every regime)
+            found = {**student_rows(bench.base.parent / f"top{top}-default" / f"seed{seed}", scorer, examples),
+                     **student_rows(bench.students(root, over, seed, ["bayes"]), scorer, examples)}  # fmt: skip
+            found = {m: found[m] for m in ("sft", "bayes")}
+        else:
+            run = bench.students(root, over, seed, ["sft", "bayes"], name=f"eff-seed{seed}", examples=examples)
+            found = student_rows(run, scorer, examples)
         kept = {it.id for it in bench.suite.items("train")[:k]}
-        tokens = sum(r["usage"].get("completion_tokens", 0) + r["usage"].get("prompt_tokens", 0)
-                     for r in corpus if r["prompt_id"] in kept)  # fmt: skip
-        for mode, s in student_rows(run, scorer, bench.train_examples(bench.base) * k // n_train).items():
+        tokens = api_tokens(corpus_rows(bench.base / "collect" / "corpus.jsonl"), kept)
+        for mode, s in found.items():
             rows.append({"share": share, "tokens": tokens, "mode": mode, **{f: s[f] for f in ("accuracy", "bpb")}})
-    full_bayes = next(r for r in rows if r["share"] == "1" and r["mode"] == "bayes")
-    match = [r for r in rows if r["mode"] == "sft" and r["accuracy"] >= full_bayes["accuracy"]]
-    answer = (f"sft matches bayes-on-all ({full_bayes['accuracy']:.3f} accuracy, {full_bayes['tokens']} API tokens) "
-              f"with {min(r['tokens'] for r in match)} tokens" if match else
-              f"sft never reaches bayes-on-all's {full_bayes['accuracy']:.3f} accuracy within {full_bayes['tokens']} API tokens")  # fmt: skip
+    full = next(r for r in rows if r["share"] == "1" and r["mode"] == "bayes")
+    match = [r for r in rows if r["mode"] == "sft" and r["accuracy"] >= full["accuracy"]]
+    if match:
+        need = min(r["tokens"] for r in match)
+        answer = (f"sft matches bayes-on-all ({full['accuracy']:.3f} accuracy) with {need} of {full['tokens']} "
+                  f"API tokens: bayes saves {full['tokens'] - need} tokens ({1 - need / full['tokens']:.0%})")  # fmt: skip
+    else:
+        answer = f"sft never reaches bayes-on-all's {full['accuracy']:.3f} accuracy within {full['tokens']} API tokens"
     return {"rows": rows, "answer": answer}
 
 

@@ -106,10 +106,14 @@ def select_records(records: list[dict], cfg: Config) -> list[dict]:
     return records
 
 
-def load_corpus(cfg: Config, run: Run) -> TokenizedCorpus:
+def load_corpus(cfg: Config, run: Run, gold: bool = False) -> TokenizedCorpus:
+    """The collected corpus, selected and tokenized. A prompt's gold answer (the prompts file's
+    `answer`) is the evaluator's alone: the method's stages get records without it (`gold=False`)."""
     d = cfg.data
     path: Path = run.output("collect", "corpus.jsonl")
     records = select_records(read_corpus(path), cfg)
+    if not gold:
+        records = [{k: v for k, v in r.items() if k != "answer"} for r in records]
     if not records:
         raise BayeskdError(f"{path} is empty: collect found no responses")
     tokenizer = load_tokenizer(cfg.student_model)

@@ -4,6 +4,7 @@ The real-world benchmark's setting (bench/realworld.py) on tiny models: a "close
 over HTTP from a folder of its own, a task file with its own splits (`data.split: prompts`). While
 the method's stages run, the teacher's folder does not exist (the server loaded it before it was
 moved away): any stage that tried to read it would fail. It comes back for the evaluator alone.
+The tasks' gold answers are the evaluator's too: the method's stages read the corpus without them.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import json
 import shutil
 
+from bayeskd.artifacts import Run
 from bayeskd.cli import main
-from bayeskd.config import ServeConfig
+from bayeskd.config import ServeConfig, load_config
+from bayeskd.corpus import load_corpus
 from bayeskd.teachers.local import LocalTeacher
 from bayeskd.teachers.server import BackgroundServer
 
@@ -59,3 +62,7 @@ def test_method_stages_run_without_the_teachers_folder(tiny_teacher_dir, tmp_pat
     held = {s["prompts"] for s in metrics["students"].values()}
     assert held == {list(splits.values()).count("heldout")}
     assert metrics["students"]["oracle-kd"]["kl_teacher"] >= 0 and "upper bound" in metrics["students"]["oracle-kd"]["note"]
+    cfg = load_config(None, method)
+    assert all("answer" not in r for r in load_corpus(cfg, Run(run)).records)  # what prior ... distill read
+    answers = {r["prompt_id"]: r["answer"] for r in load_corpus(cfg, Run(run), gold=True).records}
+    assert answers == {f"add/{i}": str(2 * i) for i in range(30)}  # the evaluator's accuracy reads them

@@ -280,7 +280,7 @@ def _by_position(acc: dict) -> dict:
 
 
 def run_eval(cfg: Config, run: Run, force: bool = False) -> dict | None:
-    corpus = load_corpus(cfg, run)
+    corpus = load_corpus(cfg, run, gold=True)  # the gold answers: accuracy is measured here, and only here
     done = [m for m in cfg.distill.modes if (run.manifest(f"distill/{m}") or {}).get("status") == "done"]
     if not done:
         raise BayeskdError("no trained student: run `bayeskd distill` first")
