@@ -2,7 +2,7 @@
 students trained to convergence, judged on the teacher's tasks and on the API tokens saved.
 
     HF_HUB_OFFLINE=1 python bench/realworld.py [--size smoke|cpu|gpu] [--seeds 0 1 2]
-        [--regimes 0 5 20] [--phases teacher base students fit ablation efficiency scratch]
+        [--regimes 0 5 20] [--phases teacher base students ablation efficiency fit scratch]
         [--out bench/out/realworld] [key=value ...]
 
 1. **Teacher** (`bench/realworld_teacher.py`): SmolLM2-135M-Instruct fine-tuned privately on the
@@ -360,7 +360,7 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--regimes", type=int, nargs="+", default=[0, 5, 20])
-    parser.add_argument("--phases", nargs="+", default=["teacher", "base", "students", "fit", "ablation", "efficiency", "scratch"])
+    parser.add_argument("--phases", nargs="+", default=["teacher", "base", "students", "ablation", "efficiency", "fit", "scratch"])
     parser.add_argument("--out", default="bench/out/realworld")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides for every run")
     args = parser.parse_args()
@@ -369,6 +369,9 @@ def main() -> None:
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
     record: dict = {"size": args.size, "sizes": size, "seeds": args.seeds, "seconds": {}}
+    previous = out / "realworld.json"
+    if previous.is_file() and json.loads(previous.read_text()).get("size") == args.size:  # a resumed run: time adds up
+        record["seconds"] = json.loads(previous.read_text()).get("seconds", {})
     clock = time.perf_counter()
 
     def lap(name: str) -> None:
@@ -402,14 +405,6 @@ def main() -> None:
                         per[r][seed].update({m: v for m, v in per[top][seed].items() if m in ("sft", "proxy-kd", "oracle-kd")})
                 record["regimes"] = regimes_record(per, args)
                 lap(f"students seed {seed}")
-        if "fit" in args.phases:
-            for seed in args.seeds:
-                for r in args.regimes:
-                    root, over = bench.variant(r, True)
-                    rows = student_rows(bench.students(root, over, seed, ["bayes"]), scorer, examples)
-                    per[r][seed]["bayes (fitted)"] = rows["bayes"]
-                record["regimes"] = regimes_record(per, args)
-                lap(f"fit seed {seed}")
         if "ablation" in args.phases:
             record["ablation"] = {}
             for r in args.regimes:
@@ -420,6 +415,14 @@ def main() -> None:
         if "efficiency" in args.phases:
             record["efficiency"] = efficiency(bench, scorer, args.seeds[0], top)
             lap("efficiency")
+        if "fit" in args.phases:
+            for seed in args.seeds:
+                for r in args.regimes:
+                    root, over = bench.variant(r, True)
+                    rows = student_rows(bench.students(root, over, seed, ["bayes"]), scorer, examples)
+                    per[r][seed]["bayes (fitted)"] = rows["bayes"]
+                record["regimes"] = regimes_record(per, args)
+                lap(f"fit seed {seed}")
         if "scratch" in args.phases:
             r = 5 if 5 in args.regimes else top
             root, over = bench.variant(r, False)
@@ -454,8 +457,13 @@ def teacher_report(bench: Bench, suite, teacher: Path, info: dict, scorer: Score
     fmt = rt.teacher_folder(suite.suite, recipe(bench.size, bench.args.seeds[0]), "format")
     models = {"public SmolLM2-135M-Instruct (the proxy before alignment)": public, "format-only fine-tune": fmt,
               "teacher (private fine-tune)": teacher, "proxy after alignment": proxy}  # fmt: skip
-    kls = proxy_kl(bench, teacher, {"public SmolLM2-135M-Instruct (the proxy before alignment)": public,
-                                    "proxy after alignment": proxy})  # fmt: skip
+    stat = (proxy / "model.safetensors").stat()
+    key = f"proxy_kl:{proxy}:{stat.st_size}:{stat.st_mtime_ns}"  # cached with the scores: a resumed run skips it
+    if key not in scorer.cache:
+        scorer.cache[key] = proxy_kl(bench, teacher, {"public SmolLM2-135M-Instruct (the proxy before alignment)": public,
+                                                      "proxy after alignment": proxy})  # fmt: skip
+        scorer.save()
+    kls = scorer.cache[key]
     rows = {n: {"accuracy": scorer.score(p)["accuracy"], "kl": kls.get(n)} for n, p in models.items()}
     fam = {f: {"chance": suite.chance(f), **{k: scorer.score(p)["families"].get(f, 0.0) for k, p in
                (("public", public), ("format", fmt), ("teacher", teacher), ("proxy", proxy))}}
