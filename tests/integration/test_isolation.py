@@ -40,7 +40,8 @@ def test_method_stages_run_without_the_teachers_folder(tiny_teacher_dir, tmp_pat
     with BackgroundServer(LocalTeacher(str(closed)), ServeConfig(port=0), served_name="closed") as server:
         hidden = tmp_path / "moved-away"
         closed.rename(hidden)  # from here on, nothing can read the teacher's weights from disk
-        args = [f"run_dir={run}", "teacher.backend=openai", "teacher.model=closed", f"teacher.base_url={server.base_url}",
+        args = [f"run_dir={run}", "teacher.backend=openai", "teacher.model=closed", "teacher.name=closed-api",
+                f"teacher.base_url={server.base_url}",
                 f"collect.prompts={tmp_path / 'tasks.jsonl'}", "collect.n=2", "collect.max_tokens=6",
                 "collect.top_logprobs=3", "data.split=prompts", f"eval.oracle_model={closed}",
                 *[f"{s}.train.model={tiny_teacher_dir}" for s in ("proxy", "distill")],
@@ -66,3 +67,9 @@ def test_method_stages_run_without_the_teachers_folder(tiny_teacher_dir, tmp_pat
     assert all("answer" not in r for r in load_corpus(cfg, Run(run)).records)  # what prior ... distill read
     answers = {r["prompt_id"]: r["answer"] for r in load_corpus(cfg, Run(run), gold=True).records}
     assert answers == {f"add/{i}": str(2 * i) for i in range(30)}  # the evaluator's accuracy reads them
+    corpus = (run / "collect" / "corpus.jsonl").read_bytes()
+    with BackgroundServer(LocalTeacher(str(closed)), ServeConfig(port=0), served_name="closed") as moved:
+        assert moved.base_url != server.base_url
+        again = [a for a in method if not a.startswith("teacher.base_url=")] + [f"teacher.base_url={moved.base_url}"]
+        assert main(["collect", *again]) == 0  # a named teacher at a new address: the finished corpus stands
+    assert (run / "collect" / "corpus.jsonl").read_bytes() == corpus

@@ -52,9 +52,13 @@ def sample_key(teacher: str, prompt: dict, cfg: CollectConfig, sample_index: int
 
 
 def stage_config(cfg: Config) -> dict:
-    """What the corpus depends on (not how fast it was fetched)."""
+    """What the corpus depends on (not how fast it was fetched). A teacher the user names
+    (`teacher.name`) is that name wherever it is served: its address is left out, so that a
+    server moved to another port keeps the finished corpus valid (its answers are keyed by the
+    name too)."""
     t = cfg.teacher
-    teacher = {"name": t.key_name, "backend": t.backend, "model": t.model, "base_url": t.base_url, "endpoint": t.endpoint}
+    teacher = {"name": t.key_name, "backend": t.backend, "model": t.model, "endpoint": t.endpoint,
+               **({} if t.name else {"base_url": t.base_url})}  # fmt: skip
     collect = asdict(cfg.collect)
     collect.pop("flush_every")
     return {"teacher": teacher, "collect": collect, "seed": cfg.seed}
