@@ -37,6 +37,13 @@ def _fields_except(section: Any, *names: str) -> dict:
     return {k: v for k, v in dataclasses.asdict(section).items() if k not in names}
 
 
+REQUEST_FIELDS = frozenset({
+    "model", "messages", "prompt", "n", "temperature", "top_p", "max_tokens", "max_completion_tokens", "seed",
+    "stop", "logprobs", "top_logprobs", "continue_final_message", "add_generation_prompt",
+})  # fmt: skip
+"""The request fields bayeskd sets itself: `teacher.extra_body` may not override them."""
+
+
 @dataclass
 class TeacherConfig:
     """The black-box teacher. Only text and top-k logprobs ever come back from it."""
@@ -61,6 +68,14 @@ class TeacherConfig:
     `continue_final_message` (a chat request ending in the assistant's prefix: vLLM,
     `bayeskd serve`), or `none`. `auto`: `completions` when `base_url` is set, else `none`
     (OpenAI's own API). A local teacher always can."""
+    extra_body: dict[str, Any] = field(default_factory=dict)
+    """openai: fields added to every chat and completions request's JSON body, for parameters a
+    server has beyond OpenAI's (the SDK's `extra_body`). A server may truncate the distribution it
+    samples from by defaults of its own; then the corpus is not drawn from the distribution the
+    logprobs describe. llama.cpp's server samples with top_k 40, min_p 0.05 and repeat_penalty
+    1.1 unless told otherwise: send `{top_k: 0, min_p: 0, repeat_penalty: 1.0}` there (vLLM's
+    defaults truncate nothing). Fields bayeskd sets itself (n, temperature, top_p, max_tokens,
+    seed, stop, logprobs, ...) are refused here: set them where their option lives."""
     max_concurrency: int = 8
     """openai: requests in flight at once."""
     timeout_s: float = 120.0
@@ -92,6 +107,9 @@ class TeacherConfig:
         _check(self.max_retries >= 0, f"{path}.max_retries", self.max_retries, "must be >= 0")
         _check(self.batch_size >= 1, f"{path}.batch_size", self.batch_size, "must be >= 1")
         _check(bool(self.model), f"{path}.model", self.model, "must name a model")
+        for key in self.extra_body:
+            _check(key not in REQUEST_FIELDS, f"{path}.extra_body.{key}", self.extra_body[key],
+                   "bayeskd sets this field itself (collect.* and probe.* options); extra_body is for the server's own")  # fmt: skip
         _check(self.backend != "local" or self.logprobs_are == "raw", f"{path}.logprobs_are", self.logprobs_are,
                "the local teacher reports raw logprobs (before temperature and top-p): must be `raw`")  # fmt: skip
 

@@ -77,6 +77,7 @@ class Prober:
     def __init__(self, cfg: Config, corpus: TokenizedCorpus, prior: ngram.NGramPrior, proxy, targets: TargetStore,
                  teacher_name: str):  # fmt: skip
         self.cfg, self.corpus, self.prior, self.proxy, self.teacher_name = cfg, corpus, prior, proxy, teacher_name
+        self.extra = (cfg.teacher.extra_body,) if cfg.teacher.extra_body else ()  # the server's own sampling keys answers too
         p = cfg.probe
         data = corpus.dataset
         self.tok = corpus.tokenizer
@@ -183,7 +184,7 @@ class Prober:
         p, c = self.cfg.probe, self.cfg.collect
         messages, prefix = self.record(int(self.row_of[g]))["messages"], self.prefix(g)
         key = content_key(self.teacher_name, messages, prefix, p.samples, p.max_tokens, c.temperature, c.top_p,
-                          int(self.n_queries[g]))  # fmt: skip
+                          int(self.n_queries[g]), *self.extra)  # fmt: skip
         request = TeacherRequest.chat(messages, prefix=prefix, n=p.samples, max_tokens=p.max_tokens,
                                       temperature=c.temperature, top_p=c.top_p, seed=_seed(key, p.seed))  # fmt: skip
         return Ask(request, (key,), {"prompt_id": self.prompt_ids[int(self.row_of[g])], "prefix": prefix})
@@ -191,7 +192,7 @@ class Prober:
     def whole_request(self, prompt_id: str, q: int) -> Ask:
         p, c = self.cfg.probe, self.cfg.collect
         messages = self.record(self.prompt_ids.index(prompt_id))["messages"]
-        key = content_key(self.teacher_name, messages, "whole", p.samples, c.max_tokens, c.temperature, c.top_p, q)
+        key = content_key(self.teacher_name, messages, "whole", p.samples, c.max_tokens, c.temperature, c.top_p, q, *self.extra)
         request = TeacherRequest.chat(messages, n=p.samples, max_tokens=c.max_tokens, temperature=c.temperature,
                                       top_p=c.top_p, seed=_seed(key, p.seed))  # fmt: skip
         return Ask(request, (key,), {"prompt_id": prompt_id})
@@ -373,6 +374,8 @@ def run_probe(cfg: Config, run: Run, force: bool = False) -> dict | None:
     stage_cfg = {"probe": asdict(p), "posterior": asdict(cfg.posterior), "sampling": asdict(cfg.collect)}
     inputs = {"corpus": corpus.corpus_fp, "posterior": (run.manifest("posterior") or {}).get("fingerprint", ""),
               "teacher": cfg.teacher.key_name}  # fmt: skip
+    if cfg.teacher.extra_body:  # only when set, so that runs from before the option keep their fingerprint
+        stage_cfg["extra_body"] = cfg.teacher.extra_body
     out = run.begin("probe", stage_cfg, inputs, force, keep_outputs=True)  # the store survives: nothing is paid twice
     if out is None:
         return None

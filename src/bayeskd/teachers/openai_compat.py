@@ -168,6 +168,8 @@ class OpenAITeacher(Teacher):
             common["seed"] = request.seed
         if request.stop:
             common["stop"] = list(request.stop)
+        if self.cfg.extra_body:
+            common["extra_body"] = dict(self.cfg.extra_body)
         try:
             if request.prefix is not None:
                 return self._continue(request, common)
@@ -207,7 +209,7 @@ class OpenAITeacher(Teacher):
         if request.top_logprobs:
             common.update(logprobs=True, top_logprobs=request.top_logprobs)
         messages = [*request.message_dicts(), {"role": "assistant", "content": request.prefix}]
-        extra = {"continue_final_message": True, "add_generation_prompt": False}
+        extra = {**common.pop("extra_body", {}), "continue_final_message": True, "add_generation_prompt": False}
         raw = self.client.chat.completions.create(messages=messages, extra_body=extra, **common)
         return _checked(parse_chat, _body(raw), request)
 
