@@ -258,6 +258,8 @@ class TrainConfig:
                "must be > 0 with select: best_validation (how often the validation split is scored)")  # fmt: skip
 
 
+QUIRKS = ("ignore_n", "empty_end_of_turn")
+"""`serve.quirks` that `bayeskd serve` can reproduce."""
 FAULT_KINDS = ("rate_limit", "server_error", "unavailable", "drop", "slow", "malformed", "empty", "truncated")
 
 
@@ -673,9 +675,17 @@ class ServeConfig:
     """Larger request bodies are refused with 413."""
     faults: FaultConfig = field(default_factory=FaultConfig)
     """Fault injection for reliability tests; off unless a rate is set."""
+    quirks: list[str] = field(default_factory=list)
+    """Behaviours of third-party servers, reproduced on purpose so that clients can be tested
+    against them (off by default): `ignore_n` answers one choice whatever `n` asks (llama.cpp's
+    server); `empty_end_of_turn` answers a sample whose first token ends the turn with text "",
+    finish reason `stop`, no logprobs and no completion tokens (llama.cpp again), where this
+    server counts the end-of-turn token and lists it."""
 
     def validate(self, path: str) -> None:
         _check(0 <= self.port <= 65535, f"{path}.port", self.port, "must be a TCP port (0: any free one)")
+        for i, quirk in enumerate(self.quirks):
+            _check(quirk in QUIRKS, f"{path}.quirks[{i}]", quirk, f"unknown quirk; known: {', '.join(QUIRKS)}")
         for name in ("max_tokens_limit", "max_n", "max_batch", "max_queue", "max_body_bytes"):
             v = getattr(self, name)
             _check(v >= 1, f"{path}.{name}", v, "must be >= 1")
