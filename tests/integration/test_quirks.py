@@ -1,7 +1,7 @@
 """The client against servers that answer as third-party ones do (`serve.quirks`), end to end.
 
 Each test serves a tiny real teacher with some of llama.cpp's ways switched on, runs collect ->
-prior -> proxy -> posterior -> probe through the CLI over HTTP, and checks that nothing failed,
+prior -> proxy -> posterior -> probe through the CLI over HTTP (then distill), and checks that nothing failed,
 nothing was retried, every sample is in the corpus or the probe's store, and the ledgers count
 exactly what the server billed. The teacher ends its turn at once in about 3 samples in 10
 (`eager_eos_teacher_dir`), so that empty end-of-turn answers are common.
@@ -39,7 +39,8 @@ def pipeline_args(run: Path, server, model: Path, n: int, samples: int) -> list[
             f"teacher.base_url={server.base_url}", "teacher.backoff_s=0.02", "teacher.max_retries=2",
             f"collect.limit={LIMIT}", f"collect.n={n}", "collect.max_tokens=6", "collect.top_logprobs=3",
             "data.heldout_fraction=0.2", "posterior.top_k=8", "prior.top_k=8",
-            f"probe.samples={samples}", "probe.round_size=4", "probe.budget_tokens=1200"]  # fmt: skip
+            f"probe.samples={samples}", "probe.round_size=4", "probe.budget_tokens=1200",
+            "distill.modes=[sft, bayes, topk-kd]"]  # fmt: skip
     for section in ("proxy", "distill"):
         args += [f"{section}.train.model={model}", f"{section}.train.init_layers=null", f"{section}.train.max_steps=2",
                  f"{section}.train.batch_size=4", f"{section}.train.save_every=0"]  # fmt: skip
@@ -59,6 +60,7 @@ def test_collect_and_probe_against_a_quirky_server(quirks, n, samples, eager_eos
         for stage in ("collect", "prior", "proxy", "posterior", "probe"):
             assert main([stage, *args]) == 0, stage
         billed = dict(server.app.state.billed)
+    assert main(["distill", *args]) == 0  # students train on a corpus with empty responses (the EOS alone)
     err = capsys.readouterr().err
     collect = json.loads((run / "collect" / "manifest.json").read_text())
     probe = json.loads((run / "probe" / "manifest.json").read_text())
