@@ -53,7 +53,11 @@ class TeacherConfig:
     model: str = "smollm2-135m-instruct"
     """local: `smollm2-135m-instruct` (the embedded default), a model folder or a hub id; openai: the served model name."""
     name: str | None = None
-    """Name that keys the response store and the ledger (default: `model`). Change it when the same model name means another model."""
+    """Name that keys the response store and the ledger. Unset, the key is `local:<model>` or
+    `openai:<base_url>:<model>:<endpoint>`, so that a server moved to another address (a new
+    port) looks like another teacher and every answer is paid for again. Naming the teacher says
+    it is the same model wherever it is served: its stored answers are replayed, and `collect`
+    done at one address stays done at another. Change the name when the model changes."""
     base_url: str | None = None
     """openai: the endpoint, e.g. http://127.0.0.1:8000/v1 (OpenAI itself when unset)."""
     api_key_env: str = "OPENAI_API_KEY"

@@ -238,3 +238,16 @@ def test_extra_body_keys_the_store_and_refuses_bayeskds_own_fields(server, tmp_p
     keys = store_keys(tmp_path)
     assert len(keys) == 2 * len(first) == 8 and keys[:4] == first
     assert main([*args, "teacher.extra_body.temperature=0"]) == 2
+
+
+def test_a_named_teacher_keeps_its_answers_at_a_new_address(server, start_server, tiny_teacher_dir, tmp_path, capsys):
+    args = ["collect", f"run_dir={tmp_path}", "teacher.backend=openai", f"teacher.model={server.teacher.model_ref}",
+            "teacher.name=tiny", "collect.limit=4", "collect.n=2", "collect.max_tokens=4"]  # fmt: skip
+    assert main([*args, f"teacher.base_url={server.base_url}"]) == 0
+    first = store_keys(tmp_path)
+    with start_server(tiny_teacher_dir, ServeConfig(port=0)) as moved:  # the same model on another port
+        assert main([*args, f"teacher.base_url={moved.base_url}"]) == 0
+        assert "already done" in capsys.readouterr().out
+        assert main([*args, f"teacher.base_url={moved.base_url}", "--force"]) == 0  # rebuilt from the store
+        assert moved.app.state.billed["requests"] == 0
+    assert store_keys(tmp_path) == first and len(corpus(tmp_path)) == 8

@@ -57,6 +57,8 @@ def stage_config(cfg: Config) -> dict:
     """What the corpus depends on (not how fast it was fetched)."""
     t = cfg.teacher
     teacher = {"name": t.key_name, "backend": t.backend, "model": t.model, "base_url": t.base_url, "endpoint": t.endpoint}
+    if t.name:  # a named teacher is the same model wherever it is served
+        teacher.pop("base_url")
     if t.extra_body:  # only when set, so that runs from before the option keep their fingerprint
         teacher["extra_body"] = t.extra_body
     collect = asdict(cfg.collect)
