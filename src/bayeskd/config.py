@@ -113,7 +113,7 @@ class TeacherConfig:
         _check(bool(self.model), f"{path}.model", self.model, "must name a model")
         for key in self.extra_body:
             _check(key not in REQUEST_FIELDS, f"{path}.extra_body.{key}", self.extra_body[key],
-                   "bayeskd sets this field itself (collect.* and probe.* options); extra_body is for the server's own")  # fmt: skip
+                   "bayeskd sets this field itself (from collect.* and probe.*); extra_body is for the server's own")  # fmt: skip
         _check(self.backend != "local" or self.logprobs_are == "raw", f"{path}.logprobs_are", self.logprobs_are,
                "the local teacher reports raw logprobs (before temperature and top-p): must be `raw`")  # fmt: skip
 

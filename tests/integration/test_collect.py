@@ -7,14 +7,18 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import openai
 import pytest
 
 from bayeskd.cli import main
-from bayeskd.config import ServeConfig
+from bayeskd.config import ServeConfig, TeacherConfig
+from bayeskd.teachers.base import TeacherRequest
+from bayeskd.teachers.openai_compat import OpenAITeacher
 
 from bayeskd.teachers.server import free_port
 
@@ -172,9 +176,6 @@ class RecordingServer:
     per `n` (`bayeskd serve` ignores fields it does not know, so it cannot show what it was sent)."""
 
     def __init__(self):
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-        import threading
-
         bodies = self.bodies = []
 
         class Handler(BaseHTTPRequestHandler):
@@ -183,9 +184,10 @@ class RecordingServer:
                 bodies.append((self.path, body))
                 chat = self.path.endswith("/chat/completions")
                 choice = {"message": {"role": "assistant", "content": "ok"}} if chat else {"text": "ok"}
+                n = body.get("n", 1)
                 answer = {"id": "x", "object": "chat.completion" if chat else "text_completion", "created": 0,
-                          "model": body["model"], "usage": {"prompt_tokens": 3, "completion_tokens": body.get("n", 1)},
-                          "choices": [{"index": i, "finish_reason": "stop", **choice} for i in range(body.get("n", 1))]}  # fmt: skip
+                          "model": body["model"], "usage": {"prompt_tokens": 3, "completion_tokens": n},
+                          "choices": [{"index": i, "finish_reason": "stop", **choice} for i in range(n)]}  # fmt: skip
                 data = json.dumps(answer).encode()
                 self.send_response(200)
                 self.send_header("content-type", "application/json")
@@ -210,10 +212,6 @@ class RecordingServer:
 
 @pytest.mark.parametrize("endpoint, prefix_via", [("chat", "continue_final_message"), ("completions", "completions")])
 def test_extra_body_is_sent_with_every_request(endpoint, prefix_via):
-    from bayeskd.config import TeacherConfig
-    from bayeskd.teachers.base import TeacherRequest
-    from bayeskd.teachers.openai_compat import OpenAITeacher
-
     with RecordingServer() as s:
         cfg = TeacherConfig(backend="openai", model="m", base_url=s.base_url, endpoint=endpoint, prefix_via=prefix_via,
                             extra_body=EXTRA)  # fmt: skip

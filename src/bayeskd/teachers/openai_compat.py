@@ -95,7 +95,9 @@ class OpenAITeacher(Teacher):
     # ------------------------------------------------------------------ one call
 
     def token_bound(self, request: TeacherRequest) -> int:
-        """A server that ignores `n` is asked once per sample, and each request pays for the prompt again."""
+        """A server that ignores `n` is asked once per sample, and each request pays for the prompt again.
+        Requests already in flight when that is found out were reserved as one request: each may pass
+        its reservation by n - 1 prompts (the ledger still counts what they cost)."""
         if request.n > 1 and self.ignores_n:
             return request.n * replace(request, n=1).token_bound()
         return request.token_bound()
