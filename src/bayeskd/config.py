@@ -37,6 +37,13 @@ def _fields_except(section: Any, *names: str) -> dict:
     return {k: v for k, v in dataclasses.asdict(section).items() if k not in names}
 
 
+REQUEST_FIELDS = frozenset({
+    "model", "messages", "prompt", "n", "temperature", "top_p", "max_tokens", "max_completion_tokens", "seed",
+    "stop", "logprobs", "top_logprobs", "continue_final_message", "add_generation_prompt",
+})  # fmt: skip
+"""The request fields bayeskd sets itself: `teacher.extra_body` may not override them."""
+
+
 @dataclass
 class TeacherConfig:
     """The black-box teacher. Only text and top-k logprobs ever come back from it."""
@@ -46,7 +53,11 @@ class TeacherConfig:
     model: str = "smollm2-135m-instruct"
     """local: `smollm2-135m-instruct` (the embedded default), a model folder or a hub id; openai: the served model name."""
     name: str | None = None
-    """Name that keys the response store and the ledger (default: `model`). Change it when the same model name means another model."""
+    """Name that keys the response store and the ledger. Unset, the key is `local:<model>` or
+    `openai:<base_url>:<model>:<endpoint>`, so that a server moved to another address (a new
+    port) looks like another teacher and every answer is paid for again. Naming the teacher says
+    it is the same model wherever it is served: its stored answers are replayed, and `collect`
+    done at one address stays done at another. Change the name when the model changes."""
     base_url: str | None = None
     """openai: the endpoint, e.g. http://127.0.0.1:8000/v1 (OpenAI itself when unset)."""
     api_key_env: str = "OPENAI_API_KEY"
@@ -61,6 +72,14 @@ class TeacherConfig:
     `continue_final_message` (a chat request ending in the assistant's prefix: vLLM,
     `bayeskd serve`), or `none`. `auto`: `completions` when `base_url` is set, else `none`
     (OpenAI's own API). A local teacher always can."""
+    extra_body: dict[str, Any] = field(default_factory=dict)
+    """openai: fields added to every chat and completions request's JSON body, for parameters a
+    server has beyond OpenAI's (the SDK's `extra_body`). A server may truncate the distribution it
+    samples from by defaults of its own; then the corpus is not drawn from the distribution the
+    logprobs describe. llama.cpp's server samples with top_k 40, min_p 0.05 and repeat_penalty
+    1.1 unless told otherwise: send `{top_k: 0, min_p: 0, repeat_penalty: 1.0}` there (vLLM's
+    defaults truncate nothing). Fields bayeskd sets itself (n, temperature, top_p, max_tokens,
+    seed, stop, logprobs, ...) are refused here: set them where their option lives."""
     max_concurrency: int = 8
     """openai: requests in flight at once."""
     timeout_s: float = 120.0
@@ -92,6 +111,9 @@ class TeacherConfig:
         _check(self.max_retries >= 0, f"{path}.max_retries", self.max_retries, "must be >= 0")
         _check(self.batch_size >= 1, f"{path}.batch_size", self.batch_size, "must be >= 1")
         _check(bool(self.model), f"{path}.model", self.model, "must name a model")
+        for key in self.extra_body:
+            _check(key not in REQUEST_FIELDS, f"{path}.extra_body.{key}", self.extra_body[key],
+                   "bayeskd sets this field itself (from collect.* and probe.*); extra_body is for the server's own")  # fmt: skip
         _check(self.backend != "local" or self.logprobs_are == "raw", f"{path}.logprobs_are", self.logprobs_are,
                "the local teacher reports raw logprobs (before temperature and top-p): must be `raw`")  # fmt: skip
 
@@ -240,6 +262,8 @@ class TrainConfig:
                "must be > 0 with select: best_validation (how often the validation split is scored)")  # fmt: skip
 
 
+QUIRKS = ("ignore_n", "empty_end_of_turn")
+"""`serve.quirks` that `bayeskd serve` can reproduce."""
 FAULT_KINDS = ("rate_limit", "server_error", "unavailable", "drop", "slow", "malformed", "empty", "truncated")
 
 
@@ -655,9 +679,17 @@ class ServeConfig:
     """Larger request bodies are refused with 413."""
     faults: FaultConfig = field(default_factory=FaultConfig)
     """Fault injection for reliability tests; off unless a rate is set."""
+    quirks: list[str] = field(default_factory=list)
+    """Behaviours of third-party servers, reproduced on purpose so that clients can be tested
+    against them (off by default): `ignore_n` answers one choice whatever `n` asks (llama.cpp's
+    server); `empty_end_of_turn` answers a sample whose first token ends the turn with text "",
+    finish reason `stop`, no logprobs and no completion tokens (llama.cpp again), where this
+    server counts the end-of-turn token and lists it."""
 
     def validate(self, path: str) -> None:
         _check(0 <= self.port <= 65535, f"{path}.port", self.port, "must be a TCP port (0: any free one)")
+        for i, quirk in enumerate(self.quirks):
+            _check(quirk in QUIRKS, f"{path}.quirks[{i}]", quirk, f"unknown quirk; known: {', '.join(QUIRKS)}")
         for name in ("max_tokens_limit", "max_n", "max_batch", "max_queue", "max_body_bytes"):
             v = getattr(self, name)
             _check(v >= 1, f"{path}.{name}", v, "must be >= 1")

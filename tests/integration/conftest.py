@@ -20,6 +20,33 @@ def tiny_teacher_dir(tmp_path_factory):
     return build_tiny(tmp_path_factory.mktemp("tiny-teacher"), texts, vocab_size=320, seed=0)
 
 
+@pytest.fixture(scope="session")
+def eager_eos_teacher_dir(tiny_teacher_dir, tmp_path_factory):
+    """The tiny teacher made to end its turn at every step with probability about 0.3, its other
+    tokens near uniform: about 3 responses in 10 end at their first token.
+
+    Every token's embedding gets a constant first coordinate, which then dominates the residual
+    stream, so that after the final norm h_0 is about sqrt(hidden); the end-of-turn token's
+    (tied) output row gets log(0.3 (V - 1) / 0.7) / h_0 more there than the others."""
+    import math
+    import shutil
+
+    import torch
+
+    from bayeskd.models import load_causal_lm, load_tokenizer
+
+    folder = tmp_path_factory.mktemp("eager-eos") / "model"
+    shutil.copytree(tiny_teacher_dir, folder)
+    tok, model = load_tokenizer(str(folder)), load_causal_lm(str(folder))
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        vocab, hidden = emb.shape
+        emb[:, 0] = 1.0
+        emb[tok.eos_token_id, 0] += math.log(0.3 * (vocab - 1) / 0.7) / math.sqrt(hidden)
+    model.save_pretrained(folder)
+    return folder
+
+
 def _start_server(model_dir, cfg: ServeConfig | None = None):
     from bayeskd.teachers.local import LocalTeacher
     from bayeskd.teachers.server import BackgroundServer

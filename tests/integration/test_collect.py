@@ -7,14 +7,18 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import openai
 import pytest
 
 from bayeskd.cli import main
-from bayeskd.config import ServeConfig
+from bayeskd.config import ServeConfig, TeacherConfig
+from bayeskd.teachers.base import TeacherRequest
+from bayeskd.teachers.openai_compat import OpenAITeacher
 
 from bayeskd.teachers.server import free_port
 
@@ -162,3 +166,86 @@ def test_collect_killed_midway_resumes_with_one_record_per_request(tiny_teacher_
     assert len(after) == len(set(after)) == 120
     assert after[: len(before)] == before  # nothing rewritten, nothing paid for twice
     assert len(corpus(tmp_path)) == 120
+
+
+EXTRA = {"top_k": 0, "min_p": 0, "repeat_penalty": 1.0}
+
+
+class RecordingServer:
+    """A loopback HTTP server that keeps every request's JSON body and answers it with one valid choice
+    per `n` (`bayeskd serve` ignores fields it does not know, so it cannot show what it was sent)."""
+
+    def __init__(self):
+        bodies = self.bodies = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                bodies.append((self.path, body))
+                chat = self.path.endswith("/chat/completions")
+                choice = {"message": {"role": "assistant", "content": "ok"}} if chat else {"text": "ok"}
+                n = body.get("n", 1)
+                answer = {"id": "x", "object": "chat.completion" if chat else "text_completion", "created": 0,
+                          "model": body["model"], "usage": {"prompt_tokens": 3, "completion_tokens": n},
+                          "choices": [{"index": i, "finish_reason": "stop", **choice} for i in range(n)]}  # fmt: skip
+                data = json.dumps(answer).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self.http.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.http.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.http.shutdown()
+
+
+@pytest.mark.parametrize("endpoint, prefix_via", [("chat", "continue_final_message"), ("completions", "completions")])
+def test_extra_body_is_sent_with_every_request(endpoint, prefix_via):
+    with RecordingServer() as s:
+        cfg = TeacherConfig(backend="openai", model="m", base_url=s.base_url, endpoint=endpoint, prefix_via=prefix_via,
+                            extra_body=EXTRA)  # fmt: skip
+        teacher = OpenAITeacher(cfg)
+        messages = [{"role": "user", "content": "hi"}]
+        teacher.generate(TeacherRequest.chat(messages, n=2, temperature=0.7, max_tokens=3, seed=5))
+        teacher.generate(TeacherRequest.chat(messages, prefix="The", max_tokens=1))
+        teacher.close()
+    assert len(s.bodies) == 2
+    for _, body in s.bodies:
+        assert {k: body[k] for k in EXTRA} == EXTRA
+    assert s.bodies[0][1]["n"] == 2 and s.bodies[0][1]["temperature"] == 0.7  # bayeskd's own fields are kept
+
+
+def test_extra_body_keys_the_store_and_refuses_bayeskds_own_fields(server, tmp_path):
+    args = ["collect", f"run_dir={tmp_path}", "teacher.backend=openai", f"teacher.model={server.teacher.model_ref}",
+            f"teacher.base_url={server.base_url}", "collect.limit=4", "collect.max_tokens=4"]  # fmt: skip
+    assert main(args) == 0
+    first = store_keys(tmp_path)
+    # Answers drawn under other server-side sampling are not replayed for these.
+    assert main([*args, "teacher.extra_body.top_k=0", "--force"]) == 0
+    keys = store_keys(tmp_path)
+    assert len(keys) == 2 * len(first) == 8 and keys[:4] == first
+    assert main([*args, "teacher.extra_body.temperature=0"]) == 2
+
+
+def test_a_named_teacher_keeps_its_answers_at_a_new_address(server, start_server, tiny_teacher_dir, tmp_path, capsys):
+    args = ["collect", f"run_dir={tmp_path}", "teacher.backend=openai", f"teacher.model={server.teacher.model_ref}",
+            "teacher.name=tiny", "collect.limit=4", "collect.n=2", "collect.max_tokens=4"]  # fmt: skip
+    assert main([*args, f"teacher.base_url={server.base_url}"]) == 0
+    first = store_keys(tmp_path)
+    with start_server(tiny_teacher_dir, ServeConfig(port=0)) as moved:  # the same model on another port
+        assert main([*args, f"teacher.base_url={moved.base_url}"]) == 0
+        assert "already done" in capsys.readouterr().out
+        assert main([*args, f"teacher.base_url={moved.base_url}", "--force"]) == 0  # rebuilt from the store
+        assert moved.app.state.billed["requests"] == 0
+    assert store_keys(tmp_path) == first and len(corpus(tmp_path)) == 8

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bayeskd.cli import main
-from bayeskd.config import TeacherConfig
+from bayeskd.config import FaultConfig, ServeConfig, TeacherConfig
 from bayeskd.teachers.base import TeacherRequest
 from bayeskd.teachers.local import LocalTeacher
 from bayeskd.teachers.openai_compat import OpenAITeacher
@@ -139,3 +139,22 @@ def test_teacher_without_prefix_continuation_falls_back_to_whole_responses(poste
     assert "cannot continue a response prefix" in out and "falls back to whole-response sampling" in out
     s = summary(run)
     assert s["strategy"] == "whole" and s["fallback_to_whole"] and s["positions_probed"] > 0 and s["tokens"] <= 1500
+
+
+def test_failed_queries_are_listed_and_a_rerun_asks_them(posterior_run, tiny_teacher_dir, server, start_server, tmp_path, capsys):
+    run = copy_run(posterior_run, tmp_path / "run")
+    # The teacher is named, so that its answers keep their keys when it is served at another address.
+    args = [*tiny_args(run, tiny_teacher_dir), "probe.budget_tokens=1500", "teacher.backend=openai", "teacher.name=tiny",
+            f"teacher.model={server.teacher.model_ref}", "teacher.max_retries=0"]  # fmt: skip
+    with start_server(tiny_teacher_dir, ServeConfig(port=0, faults=FaultConfig(unavailable=1.0))) as down:
+        assert main(["probe", *args, f"teacher.base_url={down.base_url}"]) == 0
+    failures = [json.loads(line) for line in (run / "probe" / "failures.jsonl").read_text().splitlines()]
+    m = json.loads((run / "probe" / "manifest.json").read_text())
+    assert m["status"] == "partial" and m["summary"]["failures"] == len(failures) > 0
+    assert all("HTTP 503" in f["reason"] and f["prompt_id"] and "prefix" in f for f in failures)
+    assert "queries failed" in capsys.readouterr().err
+    assert store_keys(run) == []
+    assert main(["probe", *args, f"teacher.base_url={server.base_url}"]) == 0  # not skipped: asks them again
+    m = json.loads((run / "probe" / "manifest.json").read_text())
+    assert m["status"] == "done" and m["summary"]["failures"] == 0 and (run / "probe" / "failures.jsonl").read_text() == ""
+    assert {k for f in failures for k in f["keys"]} <= set(store_keys(run))

@@ -103,3 +103,28 @@ def test_request_validation():
     r = TeacherRequest.chat([{"role": "user", "content": "hi"}], n=2)
     assert r.message_dicts() == [{"role": "user", "content": "hi"}]
     assert hash(r) == hash(TeacherRequest.chat([{"role": "user", "content": "hi"}], n=2))
+
+
+def _chat_body(*choices: tuple[str, str], completion_tokens: int) -> dict:
+    """A chat body with (text, finish_reason) choices and 9 prompt tokens."""
+    return {
+        "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+                    for i, (text, finish) in enumerate(choices)],  # fmt: skip
+        "usage": {"prompt_tokens": 9, "completion_tokens": completion_tokens},
+    }
+
+
+def test_what_an_answer_may_lack():
+    from bayeskd.teachers.openai_compat import _checked
+
+    one, two, three = (TeacherRequest.chat([{"role": "user", "content": "hi"}], n=n) for n in (1, 2, 3))
+    # An immediate end of turn, as llama.cpp reports it: a valid sample (the EOS).
+    assert _checked(parse_chat, _chat_body(("", "stop"), completion_tokens=0), one).choices[0].text == ""
+    # One choice for n = 2: a server that ignores n; the caller asks for the rest.
+    assert len(_checked(parse_chat, _chat_body(("a", "stop"), completion_tokens=1), two).choices) == 1
+    # Nothing and not an end of turn, or a count that is neither n nor 1: refused, retryably, with what was paid.
+    for body, request in [(_chat_body(("", "length"), completion_tokens=0), one),
+                          (_chat_body(("a", "stop"), ("b", "stop"), completion_tokens=2), three)]:  # fmt: skip
+        with pytest.raises(TeacherError) as e:
+            _checked(parse_chat, body, request)
+        assert e.value.retryable and e.value.usage.prompt_tokens == 9

@@ -47,8 +47,10 @@ def request_for(prompt: dict, cfg: CollectConfig, n: int, first: int = 0) -> Tea
     )
 
 
-def sample_key(teacher: str, prompt: dict, cfg: CollectConfig, sample_index: int) -> str:
-    return content_key(teacher, prompt["messages"], request_for(prompt, cfg, 1).sampling(), sample_index)
+def sample_key(teacher: str, prompt: dict, cfg: CollectConfig, sample_index: int, extra_body: dict | None = None) -> str:
+    """A sample's store key. A server's own sampling parameters (`teacher.extra_body`) key it too, when set."""
+    extra = (extra_body,) if extra_body else ()
+    return content_key(teacher, prompt["messages"], request_for(prompt, cfg, 1).sampling(), sample_index, *extra)
 
 
 def stage_config(cfg: Config) -> dict:
@@ -59,6 +61,8 @@ def stage_config(cfg: Config) -> dict:
     t = cfg.teacher
     teacher = {"name": t.key_name, "backend": t.backend, "model": t.model, "endpoint": t.endpoint,
                **({} if t.name else {"base_url": t.base_url})}  # fmt: skip
+    if t.extra_body:  # only when set, so that runs from before the option keep their fingerprint
+        teacher["extra_body"] = t.extra_body
     collect = asdict(cfg.collect)
     collect.pop("flush_every")
     return {"teacher": teacher, "collect": collect, "seed": cfg.seed}
@@ -75,7 +79,7 @@ def run_collect(cfg: Config, run: Run, force: bool = False) -> dict | None:
     if out is None:
         return None
     teacher_name = cfg.teacher.key_name
-    keys = [[sample_key(teacher_name, p, c, s) for s in range(c.n)] for p in prompts]
+    keys = [[sample_key(teacher_name, p, c, s, cfg.teacher.extra_body) for s in range(c.n)] for p in prompts]
     store = ResponseStore(out / "store", flush_every=c.flush_every)
     ledger = Ledger(price=c.price)
     for record in store.records():

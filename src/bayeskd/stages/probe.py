@@ -32,12 +32,15 @@ budget later, pays for no query twice.
 
 Writes `probe/targets/` (the posterior's target store with the probed positions updated; the
 `bayes` and `posterior-only` students train on it), `probe/trace.jsonl` (tokens spent and
-positions probed after each round) and `probe/ledger.json`.
+positions probed after each round), `probe/ledger.json` and `probe/failures.jsonl` (queries
+that failed after the client's retries and that no later round answered, with the reason).
+With failures the stage ends `partial`, and a rerun asks them again.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
@@ -48,7 +51,7 @@ from tqdm.auto import tqdm
 
 from bayeskd import blackbox, ngram
 from bayeskd import distributions as D
-from bayeskd.artifacts import Run, write_json_atomic
+from bayeskd.artifacts import Run, write_json_atomic, write_jsonl_atomic
 from bayeskd.config import Config
 from bayeskd.corpus import TokenizedCorpus, load_corpus
 from bayeskd.data import tokenize_record
@@ -61,6 +64,7 @@ from bayeskd.teachers import build_teacher
 from bayeskd.teachers.base import TeacherRequest, TeacherResponse, content_key
 from bayeskd.teachers.cached import Ask, CachedTeacher
 
+FAILURES = "failures.jsonl"
 FALLBACK = (
     "teacher {name} cannot continue a response prefix (teacher.prefix_via={via}); probe falls back to "
     "whole-response sampling: {samples} more responses per query, counted where they share a prefix"
@@ -73,6 +77,7 @@ class Prober:
     def __init__(self, cfg: Config, corpus: TokenizedCorpus, prior: ngram.NGramPrior, proxy, targets: TargetStore,
                  teacher_name: str):  # fmt: skip
         self.cfg, self.corpus, self.prior, self.proxy, self.teacher_name = cfg, corpus, prior, proxy, teacher_name
+        self.extra = (cfg.teacher.extra_body,) if cfg.teacher.extra_body else ()  # the server's own sampling keys answers too
         p = cfg.probe
         data = corpus.dataset
         self.tok = corpus.tokenizer
@@ -179,15 +184,15 @@ class Prober:
         p, c = self.cfg.probe, self.cfg.collect
         messages, prefix = self.record(int(self.row_of[g]))["messages"], self.prefix(g)
         key = content_key(self.teacher_name, messages, prefix, p.samples, p.max_tokens, c.temperature, c.top_p,
-                          int(self.n_queries[g]))  # fmt: skip
+                          int(self.n_queries[g]), *self.extra)  # fmt: skip
         request = TeacherRequest.chat(messages, prefix=prefix, n=p.samples, max_tokens=p.max_tokens,
                                       temperature=c.temperature, top_p=c.top_p, seed=_seed(key, p.seed))  # fmt: skip
-        return Ask(request, (key,), {"prefix": prefix})
+        return Ask(request, (key,), {"prompt_id": self.prompt_ids[int(self.row_of[g])], "prefix": prefix})
 
     def whole_request(self, prompt_id: str, q: int) -> Ask:
         p, c = self.cfg.probe, self.cfg.collect
         messages = self.record(self.prompt_ids.index(prompt_id))["messages"]
-        key = content_key(self.teacher_name, messages, "whole", p.samples, c.max_tokens, c.temperature, c.top_p, q)
+        key = content_key(self.teacher_name, messages, "whole", p.samples, c.max_tokens, c.temperature, c.top_p, q, *self.extra)
         request = TeacherRequest.chat(messages, n=p.samples, max_tokens=c.max_tokens, temperature=c.temperature,
                                       top_p=c.top_p, seed=_seed(key, p.seed))  # fmt: skip
         return Ask(request, (key,), {"prompt_id": prompt_id})
@@ -353,6 +358,12 @@ def probe(prober: Prober, teacher: CachedTeacher, strategy: str, on_round: Calla
     return {"trace": trace}
 
 
+def unanswered(failures: list[dict], store: ResponseStore) -> list[dict]:
+    """The failed queries that no later round answered, each once (its last failure)."""
+    last = {tuple(f["keys"]): f for f in failures}
+    return [f for keys, f in last.items() if not all(k in store for k in keys)]
+
+
 def run_probe(cfg: Config, run: Run, force: bool = False) -> dict | None:
     p = cfg.probe
     if p.budget_tokens is None:
@@ -363,6 +374,8 @@ def run_probe(cfg: Config, run: Run, force: bool = False) -> dict | None:
     stage_cfg = {"probe": asdict(p), "posterior": asdict(cfg.posterior), "sampling": asdict(cfg.collect)}
     inputs = {"corpus": corpus.corpus_fp, "posterior": (run.manifest("posterior") or {}).get("fingerprint", ""),
               "teacher": cfg.teacher.key_name}  # fmt: skip
+    if cfg.teacher.extra_body:  # only when set, so that runs from before the option keep their fingerprint
+        stage_cfg["extra_body"] = cfg.teacher.extra_body
     out = run.begin("probe", stage_cfg, inputs, force, keep_outputs=True)  # the store survives: nothing is paid twice
     if out is None:
         return None
@@ -385,6 +398,11 @@ def run_probe(cfg: Config, run: Run, force: bool = False) -> dict | None:
         store.close()
         teacher.close()
         write_json_atomic(out / "ledger.json", budget.ledger.to_dict())
+        failures = unanswered(teacher.failures, store)
+        write_jsonl_atomic(out / FAILURES, failures)
+    if failures:
+        print(f"probe: {len(failures)} queries failed, e.g. {failures[0]['reason']}; all are listed in "
+              f"{out / FAILURES}, and a rerun asks them again", file=sys.stderr)  # fmt: skip
     with open(out / "trace.jsonl", "w") as f:
         f.writelines(json.dumps(e) + "\n" for e in result["trace"])
     prober.write(out / "targets", source)
@@ -396,7 +414,8 @@ def run_probe(cfg: Config, run: Run, force: bool = False) -> dict | None:
         "budget_tokens": p.budget_tokens,
         "budget_reached": budget.reached,
         "queries": result["trace"][-1]["queries"] if result["trace"] else 0,
-        "failures": len(teacher.failures),
+        "failures": len(failures),
+        "retries": teacher.stats["retries"],
         "positions_probed": int((prober.n_t > 0).sum()),
         "share_of_training_positions": float((prober.n_t[train] > 0).mean()) if train.any() else 0.0,
         "teacher_samples": int(prober.n_t.sum()),
@@ -404,5 +423,5 @@ def run_probe(cfg: Config, run: Run, force: bool = False) -> dict | None:
         "mean_entropy_before": float(prober.entropy_before[train].mean()) if train.any() else 0.0,
         "mean_entropy_after": float(prober.entropy[train].mean()) if train.any() else 0.0,
     }
-    run.finish("probe", "done", summary, {"targets": corpus.tokenizer_fp})
+    run.finish("probe", "partial" if failures else "done", summary, {"targets": corpus.tokenizer_fp})
     return summary

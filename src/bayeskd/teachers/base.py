@@ -15,12 +15,14 @@ from dataclasses import asdict, dataclass, field
 
 
 class TeacherError(RuntimeError):
-    """A request failed. `retryable` tells whether trying again may succeed."""
+    """A request failed. `retryable` tells whether trying again may succeed; `usage`, what was paid
+    for on the way (answers the client rejected, samples of an answer left unfinished)."""
 
-    def __init__(self, message: str, retryable: bool = False, status: int | None = None):
+    def __init__(self, message: str, retryable: bool = False, status: int | None = None, usage: Usage | None = None):
         super().__init__(message)
         self.retryable = retryable
         self.status = status
+        self.usage = usage or Usage()
 
 
 @dataclass(frozen=True)
@@ -104,11 +106,17 @@ class Usage:
     def total(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(self.prompt_tokens + other.prompt_tokens, self.completion_tokens + other.completion_tokens)
+
 
 @dataclass
 class TeacherResponse:
     choices: list[Choice]
     usage: Usage
+    """Every generation paid for this answer: the API's usage, plus that of answers the client
+    rejected and asked again, and of the single requests that stand in for `n` where a server
+    ignores it."""
     model: str = ""
     retries: int = 0
     """Retries the client needed for this response (not part of the API's answer)."""
@@ -132,6 +140,10 @@ class Teacher(ABC):
     @abstractmethod
     def stream(self, requests: Iterable[TeacherRequest]) -> Iterator[tuple[int, TeacherResponse | TeacherError]]:
         ...
+
+    def token_bound(self, request: TeacherRequest) -> int:
+        """Most tokens `request` can cost at this teacher, reserved against a budget while it is in flight."""
+        return request.token_bound()
 
     def generate(self, request: TeacherRequest) -> TeacherResponse:
         """One request, synchronously; raises TeacherError on failure."""

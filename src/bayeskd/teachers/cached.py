@@ -6,13 +6,13 @@ caller gets caching for free:
 
 - an answer whose keys are all in the response store is replayed from it: free, but counted
   against this run's budget, so that a rerun spends what the first run spent;
-- otherwise the request is sent, after its most expensive outcome (`TeacherRequest.token_bound`)
-  has been reserved against the budget; dispatching stops at the first request that no longer
-  fits;
+- otherwise the request is sent, after its most expensive outcome (`Teacher.token_bound`) has
+  been reserved against the budget; dispatching stops at the first request that no longer fits;
 - an answer is appended to the store (one record per key) and its usage to the ledger before
   the caller sees it, so that a crash right after loses nothing that was paid for;
 - a request that fails after the client's retries is listed in `failures` (and retried by the
-  next run: nothing is stored for it).
+  next run: nothing is stored for it), with what it cost: answers the client rejected, or the
+  samples that a server ignoring `n` did return, are paid for. This run's ledger counts them.
 """
 
 from __future__ import annotations
@@ -72,10 +72,11 @@ class CachedTeacher:
             else:
                 todo[ask.keys] = (ask, [job])
         asks = list(todo.values())
-        cost = [ask.request.token_bound() for ask, _ in asks]
+        cost: dict[int, int] = {}  # reserved when sent: the teacher's bound may change as it learns the server
 
         def requests() -> Iterator[TeacherRequest]:
             for j, (ask, _) in enumerate(asks):
+                cost[j] = self.teacher.token_bound(ask.request)
                 if not self.budget.take(cost[j]):
                     return
                 self.stats["requests"] += 1
@@ -85,12 +86,19 @@ class CachedTeacher:
             self.budget.release(cost[j])
             ask, waiting = asks[j]
             if isinstance(result, TeacherError):
-                self.failures.append({**ask.about, "keys": list(ask.keys), "reason": str(result), "status": result.status})
+                self._failed(ask, result)
                 continue
             self.stats["retries"] += result.retries
             records = self._keep(ask, bodies(waiting[0], ask.request, result), result)
             for job in waiting:
                 yield job, records
+
+    def _failed(self, ask: Ask, error: TeacherError) -> None:
+        usage = {"prompt_tokens": error.usage.prompt_tokens, "completion_tokens": error.usage.completion_tokens}
+        self.failures.append({**ask.about, "keys": list(ask.keys), "reason": str(error), "status": error.status, "usage": usage})
+        if error.usage.total:
+            call = content_key(ask.keys[0], "failed", len(self.failures))
+            self.budget.ledger.add(self.name, call, usage["prompt_tokens"], usage["completion_tokens"])
 
     def _keep(self, ask: Ask, bodies: list[dict], response: TeacherResponse) -> list[dict]:
         call = content_key(ask.keys[0], "call")

@@ -10,7 +10,8 @@ With `serve.faults.*` rates set, a share of generation requests (`/v1/chat/compl
 - `malformed`: a 200 whose body is no completion (JSON cut in half, an HTML page, JSON of
   the wrong shape);
 - `empty`: a 200 without text (content null, no choices, or empty text with zero
-  completion tokens);
+  completion tokens and finish reason `length`; with `stop`, that is a valid answer: the model
+  ended its turn at once);
 - `truncated`: a valid answer cut short (text and logprobs halved, finish_reason `length`).
 
 The choice is deterministic: request number k (counted from 1 since the server started)
@@ -201,13 +202,13 @@ def rewrite(fault: str, variant: int, body: bytes, chat: bool) -> tuple[bytes, b
 
 
 def empty(data: dict, variant: int, chat: bool) -> dict:
-    """No text: content null (0), no choices (1), or empty text with zero completion tokens (2)."""
+    """No text: content null (0), no choices (1), or empty text with zero completion tokens, cut short (2)."""
     if variant == 1:
         return {**data, "choices": []}
     text = None if variant == 0 else ""
     choices = []
     for c in data["choices"]:
-        c = {**c, "logprobs": None}
+        c = {**c, "logprobs": None, **({"finish_reason": "length"} if variant == 2 else {})}
         if chat:
             c["message"] = {**c["message"], "content": text}
         else:

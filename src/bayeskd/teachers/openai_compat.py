@@ -11,9 +11,12 @@ from __future__ import annotations
 import email.utils
 import os
 import random
+import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import replace
 from typing import Any
 
 import jinja2
@@ -51,6 +54,10 @@ class OpenAITeacher(Teacher):
         self.client = openai.OpenAI(api_key=key, base_url=cfg.base_url, timeout=cfg.timeout_s, max_retries=0)
         self.prefix_via = prefix_via(cfg)
         self.supports_prefix = self.prefix_via != "none"
+        self.ignores_n = False
+        """Whether the server was seen to answer a request for n > 1 samples with one (llama.cpp's
+        server does): from then on each sample is asked for on its own."""
+        self._lock = threading.Lock()
 
     def check(self) -> None:
         """Fail fast, before any paid call, on an unreachable endpoint or a rejected key (lists models)."""
@@ -87,22 +94,69 @@ class OpenAITeacher(Teacher):
 
     # ------------------------------------------------------------------ one call
 
+    def token_bound(self, request: TeacherRequest) -> int:
+        """A server that ignores `n` is asked once per sample, and each request pays for the prompt again.
+        Requests already in flight when that is found out were reserved as one request: each may pass
+        its reservation by n - 1 prompts (the ledger still counts what they cost)."""
+        if request.n > 1 and self.ignores_n:
+            return request.n * replace(request, n=1).token_bound()
+        return request.token_bound()
+
     def _call_with_retries(self, request: TeacherRequest) -> TeacherResponse | TeacherError:
-        attempt = 0
+        """An answer with all `request.n` samples, or the error that ended the attempts."""
+        if request.n > 1 and self.ignores_n:
+            return self._one_by_one(request, [])
+        result = self._attempts(request)
+        if isinstance(result, TeacherResponse) and len(result.choices) < request.n:
+            self._found_ignores_n(request.n)
+            return self._one_by_one(request, [result])
+        return result
+
+    def _attempts(self, request: TeacherRequest) -> TeacherResponse | TeacherError:
+        """One request, retried while retryable; rejected answers' usage is added to what comes back."""
+        attempt, paid = 0, Usage()
         while True:
             try:
                 response = self._call(request)
-                response.retries = attempt
+                response.retries, response.usage = attempt, response.usage + paid
                 return response
             except TeacherError as e:
+                paid = paid + e.usage
                 if not e.retryable or attempt >= self.cfg.max_retries:
                     e.args = (f"{e.args[0]} (after {attempt + 1} attempts)",)
+                    e.usage = paid
                     return e
                 delay = getattr(e, "retry_after", None)
                 if delay is None:
                     delay = self.cfg.backoff_s * (2**attempt) * (0.5 + random.random())
                 time.sleep(min(delay, MAX_RETRY_AFTER_S))
                 attempt += 1
+
+    def _found_ignores_n(self, n: int) -> None:
+        with self._lock:
+            if self.ignores_n:
+                return
+            self.ignores_n = True
+        where = self.cfg.base_url or "the OpenAI API"
+        print(f"teacher at {where} ignores n (asked for {n} samples, got 1): asking for each sample on its own, "
+              "with seed + i for sample i", file=sys.stderr, flush=True)  # fmt: skip
+
+    def _one_by_one(self, request: TeacherRequest, got: list[TeacherResponse]) -> TeacherResponse | TeacherError:
+        """The samples of `request` that `got` lacks, one request each: sample i with seed + i (when seeded).
+        A failure carries the usage of the samples already paid for."""
+        for i in range(len(got), request.n):
+            seed = None if request.seed is None else (request.seed + i) % 2**31
+            result = self._attempts(replace(request, n=1, seed=seed))
+            if isinstance(result, TeacherError):
+                result.usage = sum((r.usage for r in got), result.usage)
+                return result
+            got.append(result)
+        return TeacherResponse(
+            choices=[c for r in got for c in r.choices],
+            usage=sum((r.usage for r in got), Usage()),
+            model=got[0].model,
+            retries=sum(r.retries for r in got),
+        )
 
     def _call(self, request: TeacherRequest) -> TeacherResponse:
         common: dict[str, Any] = dict(
@@ -116,6 +170,8 @@ class OpenAITeacher(Teacher):
             common["seed"] = request.seed
         if request.stop:
             common["stop"] = list(request.stop)
+        if self.cfg.extra_body:
+            common["extra_body"] = dict(self.cfg.extra_body)
         try:
             if request.prefix is not None:
                 return self._continue(request, common)
@@ -155,7 +211,7 @@ class OpenAITeacher(Teacher):
         if request.top_logprobs:
             common.update(logprobs=True, top_logprobs=request.top_logprobs)
         messages = [*request.message_dicts(), {"role": "assistant", "content": request.prefix}]
-        extra = {"continue_final_message": True, "add_generation_prompt": False}
+        extra = {**common.pop("extra_body", {}), "continue_final_message": True, "add_generation_prompt": False}
         raw = self.client.chat.completions.create(messages=messages, extra_body=extra, **common)
         return _checked(parse_chat, _body(raw), request)
 
@@ -185,13 +241,27 @@ def _body(raw: Any) -> dict:
 
 
 def _checked(parse: Any, body: dict, request: TeacherRequest) -> TeacherResponse:
-    """Parse a 200 body, refusing (retryably) one that lacks choices or text: it would silently lose samples."""
-    response = parse(body)
-    if len(response.choices) != request.n:
-        raise TeacherError(f"malformed response: asked for {request.n} choices, got {len(response.choices)}", retryable=True)
+    """Parse a 200 body, refusing (retryably) one that would silently lose samples: a choice without
+    text, a number of choices other than n, or no text and no tokens without an end of turn. The
+    refusal carries the body's usage: it was paid for.
+
+    Two answers that look short are valid: one choice for n > 1 (a server that ignores n; the
+    caller asks for the rest), and an empty text with finish reason `stop` and no completion
+    tokens (llama.cpp's way of saying the model ended its turn at once: the sample is the EOS)."""
+    paid = _usage(body)
+    try:
+        response = parse(body)
+    except TeacherError as e:
+        e.usage = paid
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # a body of the wrong shape
+        raise TeacherError(f"malformed response: {e}", retryable=True, usage=paid) from None
+    got = len(response.choices)
+    if got != request.n and not (got == 1 and request.n > 1):
+        raise TeacherError(f"malformed response: asked for {request.n} choices, got {got}", retryable=True, usage=paid)
     nothing = body.get("usage") is not None and response.usage.completion_tokens == 0
-    if nothing and all(c.text == "" for c in response.choices):
-        raise TeacherError("empty response: no text and no completion tokens", retryable=True)
+    if nothing and all(c.text == "" for c in response.choices) and any(c.finish_reason != "stop" for c in response.choices):
+        raise TeacherError("empty response: no text and no completion tokens, and no end of turn", retryable=True, usage=paid)
     return response
 
 

@@ -4,7 +4,8 @@ It lets anyone treat a local model as a closed API (the method then sees only wh
 API shows), and it is what the integration tests talk to over real HTTP. Endpoints:
 `/v1/chat/completions`, `/v1/completions`, `/v1/models`. Concurrent requests are gathered
 into the local teacher's continuous batch as it has room; when too many wait, new ones are
-shed with 429 and `Retry-After`, as real APIs do.
+shed with 429 and `Retry-After`, as real APIs do. `serve.faults` injects failures and
+`serve.quirks` reproduces other servers' ways (`faults.py`, `quirks.py`), both off by default.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pydantic import BaseModel, Field
 from bayeskd.config import ServeConfig
 from bayeskd.teachers.base import Choice, TeacherError, TeacherRequest, TeacherResponse
 from bayeskd.teachers.local import LocalTeacher
+from bayeskd.teachers.quirks import quirked_request, quirked_response
 
 
 class ChatMessage(BaseModel):
@@ -144,6 +146,9 @@ def create_app(teacher: LocalTeacher, cfg: ServeConfig, served_name: str | None 
         await batcher.stop()
 
     app = FastAPI(title="bayeskd teacher", lifespan=lifespan)
+    # What the server answered and billed (before a fault spoils an answer): tests compare a client's ledger with it.
+    app.state.billed = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
+    end_of_turn = teacher.tokenizer.decode([teacher.tokenizer.eos_token_id])
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -182,9 +187,13 @@ def create_app(teacher: LocalTeacher, cfg: ServeConfig, served_name: str | None 
         if batcher.full():
             return _error(429, "server busy, retry later", "rate_limit_error", headers={"Retry-After": "1"})
         try:
-            response = await batcher.submit(request)
+            response = await batcher.submit(quirked_request(request, cfg.quirks))
         except TeacherError as e:
             return _error(e.status or 500, str(e))
+        response = quirked_response(response, cfg.quirks, request.top_logprobs, end_of_turn)
+        billed = app.state.billed
+        billed.update(requests=billed["requests"] + 1, prompt_tokens=billed["prompt_tokens"] + response.usage.prompt_tokens,
+                      completion_tokens=billed["completion_tokens"] + response.usage.completion_tokens)  # fmt: skip
         return JSONResponse(render(response))
 
     @app.post("/v1/chat/completions")

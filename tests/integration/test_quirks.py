@@ -1,0 +1,113 @@
+"""The client against servers that answer as third-party ones do (`serve.quirks`), end to end.
+
+Each test serves a tiny real teacher with some of llama.cpp's ways switched on, runs collect ->
+prior -> proxy -> posterior -> probe through the CLI over HTTP (then distill), and checks that nothing failed,
+nothing was retried, every sample is in the corpus or the probe's store, and the ledgers count
+exactly what the server billed. The teacher ends its turn at once in about 3 samples in 10
+(`eager_eos_teacher_dir`), so that empty end-of-turn answers are common.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bayeskd.cli import main
+from bayeskd.config import ConfigError, FaultConfig, ServeConfig, load_config
+
+LIMIT = 12
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def pipeline_args(run: Path, server, model: Path, n: int, samples: int) -> list[str]:
+    args = [f"run_dir={run}", "teacher.backend=openai", f"teacher.model={server.teacher.model_ref}",
+            f"teacher.base_url={server.base_url}", "teacher.backoff_s=0.02", "teacher.max_retries=2",
+            f"collect.limit={LIMIT}", f"collect.n={n}", "collect.max_tokens=6", "collect.top_logprobs=3",
+            "data.heldout_fraction=0.2", "posterior.top_k=8", "prior.top_k=8",
+            f"probe.samples={samples}", "probe.round_size=4", "probe.budget_tokens=1200",
+            "distill.modes=[sft, bayes, topk-kd]"]  # fmt: skip
+    for section in ("proxy", "distill"):
+        args += [f"{section}.train.model={model}", f"{section}.train.init_layers=null", f"{section}.train.max_steps=2",
+                 f"{section}.train.batch_size=4", f"{section}.train.save_every=0"]  # fmt: skip
+    return args
+
+
+@pytest.mark.parametrize(
+    "quirks, n, samples",
+    [(["ignore_n"], 3, 4), (["empty_end_of_turn"], 1, 1), (["ignore_n", "empty_end_of_turn"], 3, 4)],
+    ids=["ignore_n", "empty_end_of_turn", "llama.cpp"],
+)
+def test_collect_and_probe_against_a_quirky_server(quirks, n, samples, eager_eos_teacher_dir, tiny_teacher_dir,
+                                                   start_server, tmp_path, capsys):  # fmt: skip
+    run = tmp_path / "run"
+    with start_server(eager_eos_teacher_dir, ServeConfig(port=0, quirks=quirks)) as server:
+        args = pipeline_args(run, server, tiny_teacher_dir, n, samples)
+        for stage in ("collect", "prior", "proxy", "posterior", "probe"):
+            assert main([stage, *args]) == 0, stage
+        billed = dict(server.app.state.billed)
+    assert main(["distill", *args]) == 0  # students train on a corpus with empty responses (the EOS alone)
+    err = capsys.readouterr().err
+    collect = json.loads((run / "collect" / "manifest.json").read_text())
+    probe = json.loads((run / "probe" / "manifest.json").read_text())
+    for m in (collect, probe):
+        assert m["status"] == "done" and m["summary"]["failures"] == 0 and m["summary"]["retries"] == 0
+    assert read_jsonl(run / "collect" / "failures.jsonl") == read_jsonl(run / "probe" / "failures.jsonl") == []
+    rows = read_jsonl(run / "collect" / "corpus.jsonl")
+    assert collect["summary"]["records"] == len(rows) == LIMIT * n
+    answers = read_jsonl(next((run / "probe" / "store").glob("records-*.jsonl")))
+    probed = [s for a in answers for s in a["samples"]]
+    assert 0 < len(answers) <= probe["summary"]["queries"] and len(probed) == samples * len(answers)  # positions may share one
+    # An end of turn is always counted (as the EOS); a one-token text may not be (an unfinished character).
+    assert probe["summary"]["samples_not_counted"] <= sum(s["text"] != "" for s in probed)
+
+    # The ledgers count every generation the server billed: the prompt once per request it answered.
+    ledgers = [json.loads((run / stage / "ledger.json").read_text()) for stage in ("collect", "probe")]
+    spent = {k: sum(sum(ledger[k].values()) for ledger in ledgers) for k in ("prompt_tokens", "completion_tokens")}
+    assert spent == {k: billed[k] for k in spent}
+    if "ignore_n" in quirks:
+        assert billed["requests"] == LIMIT * n + len(probed)  # one request per sample
+        assert err.count("ignores n") == 2  # said once by each stage's client
+    else:
+        assert billed["requests"] == LIMIT + len(answers)
+    if "empty_end_of_turn" in quirks:  # answers that ended the turn at once are kept, as the EOS
+        empty = [r for r in rows if r["text"] == ""]
+        assert empty and all(r["finish_reason"] == "stop" and r["tokens"] is None for r in empty)
+        assert any(s["text"] == "" and s["finish_reason"] == "stop" for s in probed)
+
+
+def test_unknown_quirk_is_named():
+    with pytest.raises(ConfigError, match=r"serve.quirks\[1\]='ignore_m': unknown quirk; known: ignore_n"):
+        load_config(None, ["serve.quirks=[ignore_n, ignore_m]"])
+
+
+def test_samples_paid_before_a_failure_are_counted(tiny_teacher_dir, start_server, tmp_path):
+    """A server that ignores n and fails now and then: an answer whose later samples fail is not
+    kept, but the samples it got were paid for, and this run's ledger counts them."""
+    cfg = ServeConfig(port=0, quirks=["ignore_n"], faults=FaultConfig(server_error=0.3, seed=3))
+    with start_server(tiny_teacher_dir, cfg) as server:
+        args = pipeline_args(tmp_path / "run", server, tiny_teacher_dir, n=3, samples=1)
+        assert main(["collect", *args, "teacher.max_retries=0"]) == 0
+        billed = dict(server.app.state.billed)
+    m = json.loads((tmp_path / "run" / "collect" / "manifest.json").read_text())
+    failures = read_jsonl(tmp_path / "run" / "collect" / "failures.jsonl")
+    assert m["status"] == "partial" and m["summary"]["records"] == 3 * (LIMIT - len(failures))
+    assert any(f["usage"]["completion_tokens"] > 0 for f in failures)  # samples got before the failing one
+    ledger = json.loads((tmp_path / "run" / "collect" / "ledger.json").read_text())
+    assert {k: sum(ledger[k].values()) for k in ("prompt_tokens", "completion_tokens")} == {
+        k: billed[k] for k in ("prompt_tokens", "completion_tokens")
+    }
