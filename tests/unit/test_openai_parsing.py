@@ -128,3 +128,17 @@ def test_what_an_answer_may_lack():
         with pytest.raises(TeacherError) as e:
             _checked(parse_chat, body, request)
         assert e.value.retryable and e.value.usage.prompt_tokens == 9
+
+
+def test_a_sampled_token_added_to_the_alternatives_is_not_stored_as_one_of_the_top_k():
+    """llama.cpp lists the sampled token as a k + 1-th alternative when it is outside the top k."""
+    from bayeskd.teachers.openai_compat import _checked
+
+    request = TeacherRequest.chat([{"role": "user", "content": "hi"}], top_logprobs=2)
+    body = _chat_body(("x", "stop"), completion_tokens=1)
+    alts = [("a", -0.5), ("b", -1.0), ("x", -4.0)]  # the sampled "x" is third
+    body["choices"][0]["logprobs"] = {"content": [{"token": "x", "logprob": -4.0,
+                                                   "top_logprobs": [{"token": s, "logprob": lp} for s, lp in alts]}]}  # fmt: skip
+    (token,) = _checked(parse_chat, body, request).choices[0].tokens
+    assert token.top == [("a", -0.5), ("b", -1.0)]  # the top 2: "b" still bounds every unlisted token
+    assert (token.token, token.logprob) == ("x", -4.0)  # the sampled token's own logprob is kept on the token

@@ -256,6 +256,7 @@ def _checked(parse: Any, body: dict, request: TeacherRequest) -> TeacherResponse
         raise
     except (ValueError, TypeError, KeyError, AttributeError) as e:  # a body of the wrong shape
         raise TeacherError(f"malformed response: {e}", retryable=True, usage=paid) from None
+    response = bounded_top(response, request.top_logprobs)
     got = len(response.choices)
     if got != request.n and not (got == 1 and request.n > 1):
         raise TeacherError(f"malformed response: asked for {request.n} choices, got {got}", retryable=True, usage=paid)
@@ -263,6 +264,23 @@ def _checked(parse: Any, body: dict, request: TeacherRequest) -> TeacherResponse
     if nothing and all(c.text == "" for c in response.choices) and any(c.finish_reason != "stop" for c in response.choices):
         raise TeacherError("empty response: no text and no completion tokens, and no end of turn", retryable=True, usage=paid)
     return response
+
+
+def bounded_top(response: TeacherResponse, k: int) -> TeacherResponse:
+    """Each token's alternatives cut to the k largest, the k the request asked for.
+
+    llama.cpp's server adds the sampled token to its alternatives when it is not among the top k
+    (k + 1 entries). Stored as the top-k, the lowest listed value would no longer bound the
+    unlisted tokens, which the evidence relies on; the extra entry is the sampled token's own
+    logprob, which the token itself keeps (`TokenLogprob.logprob`)."""
+    if not any(c.tokens and any(len(t.top) > k for t in c.tokens) for c in response.choices):
+        return response
+
+    def cut(t: TokenLogprob) -> TokenLogprob:
+        return t if len(t.top) <= k else TokenLogprob(t.token, t.logprob, sorted(t.top, key=lambda a: -a[1])[:k])
+
+    choices = [c if c.tokens is None else replace(c, tokens=[cut(t) for t in c.tokens]) for c in response.choices]
+    return replace(response, choices=choices)
 
 
 def _status_error(e: openai.APIStatusError, key_env: str) -> TeacherError:

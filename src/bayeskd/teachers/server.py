@@ -284,7 +284,7 @@ def _completion_json(response: TeacherResponse, model: str) -> dict:
         return {
             "tokens": [t.token for t in c.tokens],
             "token_logprobs": [t.logprob for t in c.tokens],
-            "top_logprobs": [dict(t.top) for t in c.tokens],
+            "top_logprobs": [_by_string(t.top) for t in c.tokens],
             "text_offset": offsets,
         }
 
@@ -293,6 +293,16 @@ def _completion_json(response: TeacherResponse, model: str) -> dict:
         for i, c in enumerate(response.choices)
     ]
     return _envelope("text_completion", model, response, choices)
+
+
+def _by_string(top: list[tuple[str, float]]) -> dict[str, float]:
+    """The legacy format's alternatives, keyed by string. Two tokens that decode alike share a key:
+    the first (the likelier, the list being sorted) is kept, so that the string's value is that of
+    its likelier token, a lower bound of its mass; `dict(top)` would keep the last."""
+    out: dict[str, float] = {}
+    for s, lp in top:
+        out.setdefault(s, lp)
+    return out
 
 
 def serve(teacher: LocalTeacher, cfg: ServeConfig, served_name: str | None = None) -> None:
