@@ -38,7 +38,7 @@ from bayeskd.artifacts import Run
 from bayeskd.config import Config
 from bayeskd.corpus import TokenizedCorpus
 from bayeskd.errors import BayeskdError
-from bayeskd.estimate import evidence_in_target, record_evidence, sampling_of
+from bayeskd.estimate import evidence_in_target, evidence_top, record_evidence, sampling_of
 from bayeskd.evidence import EvidenceMapper
 
 FLOOR = 1e-30
@@ -91,7 +91,7 @@ def gather(cfg: Config, corpus: TokenizedCorpus, proxy, split: str = "validation
             ids = np.asarray(row["input_ids"])
             ctx.append(ngram.contexts(ids[: len(ids) - len(y)], y, cfg.prior.order, vocab))
             ev = record_evidence(mapper, corpus.records[row["index"]], corpus.tokenizer, cfg.data.template, len(y),
-                                 p.top_logprobs, sampled=False)  # fmt: skip
+                                 evidence_top(cfg), sampled=False)  # fmt: skip
             e_ids = np.full((len(y), width), -1, np.int64)
             if ev is not None:
                 e_ids[:, : ev[0].shape[1]] = ev[0]

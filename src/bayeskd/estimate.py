@@ -93,7 +93,17 @@ def record_evidence(
         mapper.stats["positions"] += n
         return None
     spans = response_spans(record, tokenizer, template, n)
-    return mapper.evidence(record["text"], record["tokens"], spans, top=top, sampled=sampled)
+    ended = record.get("finish_reason") == "stop"
+    return mapper.evidence(record["text"], record["tokens"], spans, top=top, sampled=sampled, ended=ended)
+
+
+def evidence_top(cfg: Config) -> int | None:
+    """How many of the API's alternatives per token the evidence reads: `posterior.top_logprobs`, or
+    (null) the k that collect asked for. A server may list more (llama.cpp adds the sampled token
+    as a k + 1-th, which must not count as one of the top k); the client cuts them since, but
+    corpora collected before were stored with it."""
+    top = cfg.posterior.top_logprobs
+    return top if top is not None else (cfg.collect.top_logprobs or None)
 
 
 def topk_targets(evidence: tuple[np.ndarray, np.ndarray] | None, n: int, sampling: D.Sampling = D.Sampling()) -> D.SparseDist:

@@ -24,7 +24,15 @@ strings become probabilities of student tokens by the chain rule over text:
   at a later position, which contains the scored token's own text: with `sampled=False` (black-
   box scoring) that mass is dropped instead;
 - alternatives with no student token, or holding a byte fragment (U+FFFD: the API's string is
-  not the text it stands for), are dropped. Special tokens (the end of the turn) map by name.
+  not the text it stands for), are dropped. Special tokens (the end of the turn) map by name;
+- a server that renders special tokens as "" (llama.cpp) shows the end of the turn as an
+  alternative "" (and leaves the final end-of-turn token out of the token list). In a response
+  that ended its turn (`finish_reason` "stop"), "" is read as the student's end of turn (its
+  EOS), at any position; elsewhere it is dropped. The final position then has no evidence (its
+  token is not listed), and a byte fragment that such a server also shows as "" would be
+  credited to the end of turn: the largest "" only is kept (next rule), which bounds that error;
+- the API's alternatives are taken at most k (`top`), the largest, and a string listed twice
+  (two tokens that decode alike) counts once, at its larger value: a lower bound of its mass.
 
 Alternatives that map to the same student token add up; the mapped probabilities are a partition
 of (part of) the teacher's mass, so they sum to at most 1 (if an inconsistent API makes them
@@ -127,13 +135,15 @@ class EvidenceMapper:
         return starts
 
     def evidence(self, text: str, tokens: Sequence[dict] | None, spans: Sequence[tuple[int, int]], width: int = 21,
-                 top: int | None = None, sampled: bool = True):  # fmt: skip
+                 top: int | None = None, sampled: bool = True, ended: bool = False):  # fmt: skip
         """ev_ids [n, width] (PAD = none) and ev_probs [n, width] for the n student positions with `spans`.
 
         `top`: use only the API's `top` most probable alternatives per token (None: all it returned),
-        as an API that offers fewer would. `sampled`: add the sampled token's own logprob when it is
+        as an API that offers fewer would; the k the request asked for bounds it (a server may add
+        the sampled token as a k + 1-th). `sampled`: add the sampled token's own logprob when it is
         not among them, and split it across a straddled boundary; False for black-box scoring,
-        where nothing that contains the scored token may be in the estimate.
+        where nothing that contains the scored token may be in the estimate. `ended`: the response
+        ended its turn (finish reason "stop"), so that "" is the end of the turn (module docstring).
         """
         n = len(spans)
         ev_ids = np.full((n, width), PAD, dtype=np.int64)
@@ -141,6 +151,8 @@ class EvidenceMapper:
         self.stats["positions"] += n
         if not tokens:
             return ev_ids, ev_probs
+        if ended and self.tokenizer.eos_token is not None:  # "" is the end of the turn: give it the EOS's name
+            tokens = [_renamed(t, "", self.tokenizer.eos_token) for t in tokens]
         record = _Record(text, tokens, self.teacher_starts(text, tokens), top, sampled)
         for j, (a, b) in enumerate(spans):
             mass = self._position(record, a, b)
@@ -261,8 +273,19 @@ class _Record:
         """(string, probability) of teacher token i's top alternatives, and its own when `sampled` adds it."""
         if i not in self._alts:
             t = self.tokens[i]
-            alts = sorted(((s, lp) for s, lp in t["top"]), key=lambda a: -a[1])[: self.top]
+            alts, seen = [], set()
+            for s, lp in sorted(((s, lp) for s, lp in t["top"]), key=lambda a: -a[1]):
+                if s not in seen:  # two tokens that decode alike: the likelier only, never their sum
+                    seen.add(s)
+                    alts.append((s, lp))
+            alts = alts[: self.top]
             if self.sampled and all(s != t["token"] for s, _ in alts):
                 alts.append((t["token"], t["logprob"]))
             self._alts[i] = [(s, math.exp(lp)) for s, lp in alts]
         return self._alts[i]
+
+
+def _renamed(token: dict, old: str, new: str) -> dict:
+    """A teacher token with the string `old` renamed `new`, in itself and its alternatives."""
+    return {**token, "token": new if token["token"] == old else token["token"],
+            "top": [(new if s == old else s, lp) for s, lp in token["top"]]}  # fmt: skip

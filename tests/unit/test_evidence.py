@@ -208,3 +208,31 @@ def test_the_end_of_turn_token_after_the_text_is_no_straddle(student_tok):
     tokens = teacher_tokens(["the", "<|im_end|>"], [{"the": 0.9}, {"<|im_end|>": 0.8, " cat": 0.15}])
     got = as_dicts(*EvidenceMapper(s).evidence(text, tokens, [(0, 3), (3, 3 + len("<|im_end|>"))]))
     assert got[1] == pytest.approx({s.eos_token_id: 0.8, first(s, " cat"): 0.15})
+
+
+def test_a_string_listed_twice_counts_once_at_its_larger_value(student_tok):
+    """Two teacher tokens that decode alike: their sum could exceed what the student's token has."""
+    s = student_tok
+    text = "the"
+    tokens = [{"token": "the", "logprob": math.log(0.5), "top": [["the", math.log(0.5)], [" cat", math.log(0.2)],
+                                                                   [" cat", math.log(0.1)]]}]  # fmt: skip
+    got = as_dicts(*EvidenceMapper(s).evidence(text, tokens, spans_of(s, text)))
+    assert got[0] == pytest.approx({first(s, "the"): 0.5, first(s, " cat"): 0.2})
+
+
+def test_a_server_that_renders_the_end_of_turn_as_empty_keeps_its_evidence(student_tok):
+    """llama.cpp shows special tokens as "": in a response that ended its turn, "" is the EOS; the
+    final end-of-turn token is not in the list, so the EOS position after the text has no evidence."""
+    s = student_tok
+    text = "the cat"
+    tokens = teacher_tokens(["the", " cat"], [{"the": 0.9, "": 0.05}, {" cat": 0.6, "": 0.3, " sat": 0.05}])
+    spans = spans_of(s, text) + [(len(text), len(text))]
+    got = as_dicts(*EvidenceMapper(s).evidence(text, tokens, spans, ended=True))
+    assert got[0][s.eos_token_id] == pytest.approx(0.05) and got[1][s.eos_token_id] == pytest.approx(0.3)
+    assert got[-1] == {}  # the final end of turn: not listed by such a server
+    cut = as_dicts(*EvidenceMapper(s).evidence(text, tokens, spans, ended=False))  # cut by max_tokens: "" unknown
+    assert all(s.eos_token_id not in g for g in cut)
+    # A server that does list the final token, as "": the EOS position gets its alternatives.
+    listed = tokens + teacher_tokens([""], [{"": 0.7, " on": 0.2}])
+    got = as_dicts(*EvidenceMapper(s).evidence(text, listed, spans, ended=True))
+    assert got[-1] == pytest.approx({s.eos_token_id: 0.7, first(s, " on"): 0.2})

@@ -40,7 +40,7 @@ from bayeskd.artifacts import Run, write_json_atomic
 from bayeskd.config import Config
 from bayeskd.corpus import TokenizedCorpus, load_corpus
 from bayeskd.errors import BayeskdError
-from bayeskd.estimate import evidence_in_target, load_prior, record_evidence, response_spans, sampling_of, topk_targets, update
+from bayeskd.estimate import evidence_in_target, evidence_top, load_prior, record_evidence, response_spans, sampling_of, topk_targets, update
 from bayeskd.evidence import EvidenceMapper
 from bayeskd.models import load_causal_lm, load_tokenizer, tokenizer_fingerprint
 from bayeskd.oracle import teacher_probs
@@ -202,7 +202,7 @@ def score_estimates(cfg: Config, run: Run, corpus: TokenizedCorpus, teacher, hel
             p_prior = prior.dense(ctx, targets=loo)
             bare = update(p_prior, p_proxy, prior.query(ctx, 1, targets=loo).kappa, p, gen)
             record, every = corpus.records[row["index"]], np.tile(np.arange(vocab), (len(y), 1))
-            raw = record_evidence(mapper, record, corpus.tokenizer, cfg.data.template, len(y), p.top_logprobs)
+            raw = record_evidence(mapper, record, corpus.tokenizer, cfg.data.template, len(y), evidence_top(cfg))
             ev = evidence_in_target(raw, sampling, p_proxy)  # the proxy shapes the unlisted mass, as in `posterior`
             estimates = {"one-hot": M.smoothed_one_hot(y, vocab, cfg.eval.one_hot_eps), "prior": p_prior,
                          "proxy": p_proxy, "posterior-no-logprobs": bare,
@@ -212,7 +212,7 @@ def score_estimates(cfg: Config, run: Run, corpus: TokenizedCorpus, teacher, hel
             if mapper is not None:  # what topk-kd trains on (the sampled token's own logprob included), the tail uniform
                 estimates["top-k alone"] = topk_targets(raw, len(y), sampling).dense(vocab)
             if heldout and ev is not None:  # the API's top-k without the sampled token's own logprob: black-box scorable
-                raw = record_evidence(mapper, record, corpus.tokenizer, cfg.data.template, len(y), p.top_logprobs, False)
+                raw = record_evidence(mapper, record, corpus.tokenizer, cfg.data.template, len(y), evidence_top(cfg), False)
                 estimates["posterior (top-k only)"] = D.apply_evidence(bare, every, *evidence_in_target(raw, sampling, p_proxy))
                 estimates["top-k alone (top-k only)"] = topk_targets(raw, len(y), sampling).dense(vocab)
             hard = np.zeros_like(p_proxy)

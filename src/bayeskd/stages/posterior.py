@@ -23,7 +23,7 @@ from bayeskd import blackbox, ngram
 from bayeskd.artifacts import Run, fingerprint_file, write_json_atomic
 from bayeskd.config import Config
 from bayeskd.corpus import TokenizedCorpus, load_corpus
-from bayeskd.estimate import TARGET_SETS, estimate, load_prior, record_evidence, sampling_of, topk_targets
+from bayeskd.estimate import TARGET_SETS, estimate, evidence_top, load_prior, record_evidence, sampling_of, topk_targets
 from bayeskd.evidence import EvidenceMapper
 from bayeskd.models import check_same_tokenizer, load_causal_lm
 from bayeskd.stages.proxy import proxy_model
@@ -83,7 +83,7 @@ def _compute(cfg: Config, corpus: TokenizedCorpus, prior: ngram.NGramPrior, prox
             sl = slice(int(starts[i]), int(starts[i + 1]))
             record = corpus.records[row["index"]]
             loo = targets[sl] if cfg.prior.leave_one_out and corpus.split_of(row["prompt_id"]) == "train" else None
-            ev = record_evidence(mapper, record, corpus.tokenizer, cfg.data.template, len(z), p.top_logprobs)
+            ev = record_evidence(mapper, record, corpus.tokenizer, cfg.data.template, len(z), evidence_top(cfg))
             evidence = ev if p.use_logprobs else None
             dists, ent = estimate(prior, contexts[sl], loo, z, p, cfg.prior.top_k, evidence, generator, sampling=sampling)
             dists["topk"] = topk_targets(ev, len(z), sampling)

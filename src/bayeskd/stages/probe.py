@@ -56,7 +56,7 @@ from bayeskd.config import Config
 from bayeskd.corpus import TokenizedCorpus, load_corpus
 from bayeskd.data import tokenize_record
 from bayeskd.distributions import PAD
-from bayeskd.estimate import TARGET_SETS, estimate, load_prior, proxy_strength, response_spans, sampling_of
+from bayeskd.estimate import TARGET_SETS, estimate, evidence_top, load_prior, proxy_strength, response_spans, sampling_of
 from bayeskd.evidence import EvidenceMapper
 from bayeskd.store import Budget, Ledger, ResponseStore
 from bayeskd.targets import TargetStore, TargetWriter
@@ -139,9 +139,11 @@ class Prober:
     def evidence(self, r: int):
         if r not in self._evidence:
             rec = self.record(r)
-            top = self.cfg.posterior.top_logprobs
+            top = evidence_top(self.cfg)
             ok = self.cfg.posterior.use_logprobs and rec.get("tokens") and top != 0
-            self._evidence[r] = self.mapper.evidence(rec["text"], rec["tokens"], self.spans(r), top=top) if ok else None
+            ended = rec.get("finish_reason") == "stop"
+            self._evidence[r] = (self.mapper.evidence(rec["text"], rec["tokens"], self.spans(r), top=top, ended=ended)
+                                 if ok else None)  # fmt: skip
         return self._evidence[r]
 
     def prefix(self, g: int) -> str:
