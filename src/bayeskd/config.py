@@ -262,7 +262,7 @@ class TrainConfig:
                "must be > 0 with select: best_validation (how often the validation split is scored)")  # fmt: skip
 
 
-QUIRKS = ("ignore_n", "empty_end_of_turn")
+QUIRKS = ("ignore_n", "empty_end_of_turn", "topk_plus_sampled", "special_tokens_empty", "extra_system_turn", "server_top_k")
 """`serve.quirks` that `bayeskd serve` can reproduce."""
 FAULT_KINDS = ("rate_limit", "server_error", "unavailable", "drop", "slow", "malformed", "empty", "truncated")
 

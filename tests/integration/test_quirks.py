@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bayeskd.cli import main
@@ -88,6 +89,45 @@ def test_collect_and_probe_against_a_quirky_server(quirks, n, samples, eager_eos
         empty = [r for r in rows if r["text"] == ""]
         assert empty and all(r["finish_reason"] == "stop" and r["tokens"] is None for r in empty)
         assert any(s["text"] == "" and s["finish_reason"] == "stop" for s in probed)
+
+
+@pytest.mark.parametrize("quirk", ["topk_plus_sampled", "special_tokens_empty", "extra_system_turn", "server_top_k"])
+def test_the_estimate_is_sound_against_a_quirky_server(quirk, eager_eos_teacher_dir, tiny_teacher_dir, start_server,
+                                                       tmp_path):  # fmt: skip
+    """collect -> prior -> proxy -> posterior against each of llama.cpp's other ways: the stored
+    top-k holds at most the k asked for, every target is a valid (sub-)distribution, and where
+    the server shows the end of the turn as "" the evidence still has it."""
+    from bayeskd.targets import TargetStore
+    from bayeskd.models import load_tokenizer
+
+    run = tmp_path / "run"
+    with start_server(eager_eos_teacher_dir, ServeConfig(port=0, quirks=[quirk])) as server:
+        args = pipeline_args(run, server, tiny_teacher_dir, n=2, samples=1)
+        for stage in ("collect", "prior", "proxy", "posterior"):
+            assert main([stage, *args]) == 0, stage
+    rows = read_jsonl(run / "collect" / "corpus.jsonl")
+    tops = [len(t["top"]) for r in rows for t in r["tokens"] or []]
+    assert tops and max(tops) <= 3  # collect.top_logprobs=3
+    store = TargetStore.open(run / "posterior" / "targets")
+    eos = load_tokenizer(str(tiny_teacher_dir)).eos_token_id
+    with_eos = 0
+    for i in range(len(rows)):
+        for name in ("posterior", "topk"):
+            probs = store.rows(i, f"{name}_probs").astype(np.float64)
+            tail = store.rows(i, f"{name}_tail").astype(np.float64)
+            assert np.isfinite(probs).all() and (probs >= 0).all() and (probs.sum(1) <= 1 + 1e-3).all()
+            assert (np.abs(probs.sum(1) + tail - 1) < 1e-2).all()
+        topk = store.rows(i, "topk_ids")[: -1 if rows[i]["finish_reason"] == "stop" else None]  # not the final EOS
+        with_eos += int((topk == eos).any(1).sum())
+    evidence = json.loads((run / "posterior" / "manifest.json").read_text())["summary"]["evidence"]
+    assert evidence["positions_with_evidence"] > 0
+    # The teacher ends its turn with p = 0.3 at every step, so inside a response the end of the turn
+    # is among the top 3 nearly everywhere: rendered "" or by name, it is evidence for the EOS.
+    listed = [r["tokens"] for r in rows if r["tokens"]]
+    inside = sum(len(t) - (t[-1]["token"] == "<|im_end|>") for t in listed)  # the final end of turn, where listed
+    assert with_eos >= 0.5 * inside
+    if quirk != "server_top_k":  # (drawn from the top 5 only, nearly every response is the end of the turn alone)
+        assert inside > len(rows)
 
 
 def test_unknown_quirk_is_named():

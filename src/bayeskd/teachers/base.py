@@ -42,6 +42,10 @@ class TeacherRequest:
     prefix: str | None = None
     """Prefix continuation: the start of the assistant's response, which the teacher must
     continue (the returned text is what comes after it). Needs `messages`."""
+    top_k: int = 0
+    """Sample from the k likeliest tokens only (0: all). Set by `bayeskd serve` from a request's
+    `top_k` field (vLLM's and llama.cpp's); the client never sets it (a server's own fields go in
+    `teacher.extra_body`), and it does not key the store."""
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):
@@ -50,6 +54,8 @@ class TeacherRequest:
             raise ValueError("a TeacherRequest with a response prefix needs chat messages")
         if not 0 <= self.top_logprobs <= 20:
             raise ValueError(f"top_logprobs={self.top_logprobs}: must be in 0..20")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k}: must be >= 0 (0: no truncation)")
         if self.n < 1 or self.max_tokens < 1:
             raise ValueError(f"n={self.n}, max_tokens={self.max_tokens}: both must be >= 1")
 

@@ -52,6 +52,9 @@ class Row:
     max_tokens: int = 16
     stop: tuple[str, ...] = ()
     top_logprobs: int = 0
+    top_k: int = 0
+    """Draw from the top_k likeliest tokens only (0: all): a server's own truncation, which the
+    logprobs do not show (`serve.quirks: server_top_k`)."""
     uniforms: list[float] | None = None
     """One U[0, 1) draw per token from the row's own generator; None when greedy."""
     tokens: list[int] = field(default_factory=list)
@@ -175,6 +178,10 @@ def sample(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
     z = logits[idx].float() / temps[:, None]
     # Unnormalised exp(z - max): the draw scales u by the total mass, so softmax's division is not needed.
     weights = torch.exp(z - z.max(-1, keepdim=True).values)
+    for j, i in enumerate(drawn):
+        if 0 < rows[i].top_k < weights.shape[-1]:  # a server's top_k: the rest of the vocabulary is never drawn
+            kth = weights[j].topk(rows[i].top_k).values[-1]
+            weights[j] = weights[j].masked_fill(weights[j] < kth, 0.0)
     u = torch.tensor([rows[i].uniforms[len(rows[i].tokens)] for i in drawn], device=logits.device, dtype=torch.float32)
     top_p = torch.tensor([rows[i].top_p for i in drawn], device=logits.device, dtype=torch.float32)
     nucleus = top_p < 1

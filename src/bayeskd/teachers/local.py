@@ -121,7 +121,7 @@ class LocalTeacher(Teacher):
                 uniforms = torch.rand(request.max_tokens, generator=g).tolist()
             job.rows.append(Row(key=job, prompt=prompt, temperature=request.temperature, top_p=request.top_p,
                                 max_tokens=request.max_tokens, stop=request.stop,
-                                top_logprobs=request.top_logprobs, uniforms=uniforms))  # fmt: skip
+                                top_logprobs=request.top_logprobs, top_k=request.top_k, uniforms=uniforms))  # fmt: skip
         with self._cond:
             if self._closed:
                 raise TeacherError("the local teacher is closed")

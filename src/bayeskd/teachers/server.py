@@ -29,7 +29,7 @@ from pydantic import BaseModel, Field
 from bayeskd.config import ServeConfig
 from bayeskd.teachers.base import Choice, TeacherError, TeacherRequest, TeacherResponse
 from bayeskd.teachers.local import LocalTeacher
-from bayeskd.teachers.quirks import quirked_request, quirked_response
+from bayeskd.teachers.quirks import quirked_request, quirked_response, server_top_k
 
 
 class ChatMessage(BaseModel):
@@ -45,6 +45,8 @@ class _Sampling(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     seed: int | None = None
     stop: str | list[str] | None = None
+    top_k: int | None = None
+    """vLLM's and llama.cpp's extension: sample from the k likeliest tokens (0 or less: all)."""
 
 
 class ChatBody(_Sampling):
@@ -149,6 +151,7 @@ def create_app(teacher: LocalTeacher, cfg: ServeConfig, served_name: str | None 
     # What the server answered and billed (before a fault spoils an answer): tests compare a client's ledger with it.
     app.state.billed = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
     end_of_turn = teacher.tokenizer.decode([teacher.tokenizer.eos_token_id])
+    specials = frozenset(teacher.tokenizer.all_special_tokens)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -190,7 +193,7 @@ def create_app(teacher: LocalTeacher, cfg: ServeConfig, served_name: str | None 
             response = await batcher.submit(quirked_request(request, cfg.quirks))
         except TeacherError as e:
             return _error(e.status or 500, str(e))
-        response = quirked_response(response, cfg.quirks, request.top_logprobs, end_of_turn)
+        response = quirked_response(response, cfg.quirks, request.top_logprobs, end_of_turn, specials)
         billed = app.state.billed
         billed.update(requests=billed["requests"] + 1, prompt_tokens=billed["prompt_tokens"] + response.usage.prompt_tokens,
                       completion_tokens=billed["completion_tokens"] + response.usage.completion_tokens)  # fmt: skip
@@ -209,19 +212,19 @@ def create_app(teacher: LocalTeacher, cfg: ServeConfig, served_name: str | None 
             messages,
             top_logprobs=(body.top_logprobs or 0) if body.logprobs else 0,
             prefix=prefix,
-            **_sampling(body, body.max_completion_tokens),
+            **_sampling(body, cfg.quirks, body.max_completion_tokens),
         )
         return await run(body, request, lambda r: _chat_json(r, model_name))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody):
-        request = TeacherRequest(prompt=body.prompt, top_logprobs=body.logprobs or 0, **_sampling(body))
+        request = TeacherRequest(prompt=body.prompt, top_logprobs=body.logprobs or 0, **_sampling(body, cfg.quirks))
         return await run(body, request, lambda r: _completion_json(r, model_name))
 
     return app
 
 
-def _sampling(body: _Sampling, max_tokens: int | None = None) -> dict:
+def _sampling(body: _Sampling, quirks: list[str], max_tokens: int | None = None) -> dict:
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     return dict(
         temperature=body.temperature,
@@ -230,6 +233,7 @@ def _sampling(body: _Sampling, max_tokens: int | None = None) -> dict:
         n=body.n,
         seed=body.seed,
         stop=tuple(stop),
+        top_k=server_top_k(body.top_k, quirks),
     )
 
 
