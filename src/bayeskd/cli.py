@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--verify", action="store_true", help=verify)
     add("serve", "serve teacher.model (a local model) as an OpenAI-compatible API on serve.host:serve.port")
     add("config", "print the resolved config")
+    sp = add("teacher-check", "probe the teacher.base_url endpoint with a few cheap requests: what a run can rely on")
+    sp.add_argument("--positions", type=int, default=256, help="generated tokens whose sampling is compared with the logprobs")
     sp = add("student", "build a tokenizer (trained on the run's training text) and a fresh model at distill.train.model")
     sp.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary, special tokens included")
     sp.add_argument("--hidden-size", type=int, default=128)
@@ -71,6 +73,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         serve(LocalTeacher(t.model, device=t.device, dtype=t.dtype, batch_size=cfg.serve.max_batch), cfg.serve, cfg.serve.model_name)
         return 0
 
+    if args.command == "teacher-check":
+        return _teacher_check(cfg, args.positions)
+
     from bayeskd.artifacts import Run, writing
 
     if args.command == "student":
@@ -94,6 +99,19 @@ def _dispatch(args: argparse.Namespace) -> int:
                 summary = stage(name)(cfg, run, args.force)
             _report(name, run, summary)
     return 0
+
+
+def _teacher_check(cfg, positions: int) -> int:
+    from bayeskd.prompts import load_prompts
+    from bayeskd.teachers.check import check_teacher, print_report
+
+    if cfg.teacher.backend != "openai":
+        raise BayeskdError("teacher-check probes an OpenAI-compatible endpoint: set teacher.backend=openai and teacher.base_url")
+    report = check_teacher(cfg, load_prompts(cfg.collect, cfg.seed)[0]["messages"], positions)
+    print_report(report)
+    for row in report.failed:
+        print(f"bayeskd: teacher-check: {row.name}: {row.found}; {row.note}", file=sys.stderr)
+    return 2 if report.failed else 0
 
 
 def _report(name: str, run, summary: dict | None) -> None:
