@@ -14,9 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from bayeskd.cli import main
 from bayeskd.config import ConfigError, FaultConfig, ServeConfig, load_config
+from bayeskd.models import CHATML_TEMPLATE, load_tokenizer
+from bayeskd.targets import TargetStore
 
 LIMIT = 12
 
@@ -81,10 +84,10 @@ def test_collect_and_probe_against_a_quirky_server(quirks, n, samples, eager_eos
     spent = {k: sum(sum(ledger[k].values()) for ledger in ledgers) for k in ("prompt_tokens", "completion_tokens")}
     assert spent == {k: billed[k] for k in spent}
     if "ignore_n" in quirks:
-        assert billed["requests"] == LIMIT * n + len(probed)  # one request per sample
+        assert billed["requests"] == LIMIT * n + len(probed) + 2  # one request per sample; probe's prompt check
         assert err.count("ignores n") == 2  # said once by each stage's client
     else:
-        assert billed["requests"] == LIMIT + len(answers)
+        assert billed["requests"] == LIMIT + len(answers) + 2  # probe's prompt check: chat and completions
     if "empty_end_of_turn" in quirks:  # answers that ended the turn at once are kept, as the EOS
         empty = [r for r in rows if r["text"] == ""]
         assert empty and all(r["finish_reason"] == "stop" and r["tokens"] is None for r in empty)
@@ -93,18 +96,24 @@ def test_collect_and_probe_against_a_quirky_server(quirks, n, samples, eager_eos
 
 @pytest.mark.parametrize("quirk", ["topk_plus_sampled", "special_tokens_empty", "extra_system_turn", "server_top_k"])
 def test_the_estimate_is_sound_against_a_quirky_server(quirk, eager_eos_teacher_dir, tiny_teacher_dir, start_server,
-                                                       tmp_path):  # fmt: skip
+                                                       tmp_path, capsys):  # fmt: skip
     """collect -> prior -> proxy -> posterior against each of llama.cpp's other ways: the stored
     top-k holds at most the k asked for, every target is a valid (sub-)distribution, and where
-    the server shows the end of the turn as "" the evidence still has it."""
-    from bayeskd.targets import TargetStore
-    from bayeskd.models import load_tokenizer
-
+    the server shows the end of the turn as "" the evidence still has it. Where its chat endpoint
+    renders another prompt than the completions one, probe refuses until the template agrees."""
     run = tmp_path / "run"
     with start_server(eager_eos_teacher_dir, ServeConfig(port=0, quirks=[quirk])) as server:
         args = pipeline_args(run, server, tiny_teacher_dir, n=2, samples=1)
         for stage in ("collect", "prior", "proxy", "posterior"):
             assert main([stage, *args]) == 0, stage
+        if quirk == "extra_system_turn":  # probe continues prefixes through completions: another prompt
+            assert main(["probe", *args]) == 2
+            assert "teacher.completion_template" in capsys.readouterr().err
+            assert not list((run / "probe" / "store").glob("*.jsonl"))  # nothing queried
+            # The server's own template (an empty system turn first) makes the prompts one: probe runs.
+            template = "{% if messages[0]['role'] != 'system' %}<|im_start|>system\n<|im_end|>\n{% endif %}" + CHATML_TEMPLATE
+            (tmp_path / "llama.yaml").write_text(yaml.safe_dump({"teacher": {"completion_template": template}}))
+            assert main(["probe", "--config", str(tmp_path / "llama.yaml"), *args]) == 0
     rows = read_jsonl(run / "collect" / "corpus.jsonl")
     tops = [len(t["top"]) for r in rows for t in r["tokens"] or []]
     assert tops and max(tops) <= 3  # collect.top_logprobs=3

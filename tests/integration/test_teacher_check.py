@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from bayeskd.cli import main
-from bayeskd.config import ServeConfig
+from bayeskd.config import ServeConfig, load_config
+from bayeskd.teachers.check import check_teacher
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -65,9 +66,6 @@ def test_a_chat_template_with_an_extra_system_turn_is_a_rendering_mismatch(tiny_
 def test_how_the_end_of_turn_shows_is_reported(eager_eos_teacher_dir, start_server):
     """A teacher that often ends its turn, served as llama.cpp does: the final end-of-turn token
     not listed, special tokens shown as "", an immediate end of turn as an empty answer."""
-    from bayeskd.config import load_config
-    from bayeskd.teachers.check import check_teacher
-
     quirks = ["special_tokens_empty", "empty_end_of_turn"]
     with start_server(eager_eos_teacher_dir, ServeConfig(port=0, quirks=quirks)) as server:
         cfg = load_config(None, ["teacher.backend=openai", f"teacher.model={server.teacher.model_ref}",

@@ -30,6 +30,11 @@ is sent (a prompt is bounded by its UTF-8 bytes, as in collect), so that the sta
 within it. Every answer is kept in a content-keyed store (`probe/store`): a rerun, or a larger
 budget later, pays for no query twice.
 
+Prefixes are continued through the completions endpoint (messages formatted with
+`teacher.completion_template`) where collect used chat: before the first query, one prompt is
+sent both ways, and the stage refuses when the server counts different prompt tokens (its chat
+template is not that one, e.g. llama-cpp-python's adds an empty system turn).
+
 Writes `probe/targets/` (the posterior's target store with the probed positions updated; the
 `bayes` and `posterior-only` students train on it), `probe/trace.jsonl` (tokens spent and
 positions probed after each round), `probe/ledger.json` and `probe/failures.jsonl` (queries
@@ -56,6 +61,7 @@ from bayeskd.config import Config
 from bayeskd.corpus import TokenizedCorpus, load_corpus
 from bayeskd.data import tokenize_record
 from bayeskd.distributions import PAD
+from bayeskd.errors import BayeskdError
 from bayeskd.estimate import TARGET_SETS, estimate, evidence_top, load_prior, proxy_strength, response_spans, sampling_of
 from bayeskd.evidence import EvidenceMapper
 from bayeskd.store import Budget, Ledger, ResponseStore
@@ -366,6 +372,31 @@ def unanswered(failures: list[dict], store: ResponseStore) -> list[dict]:
     return [f for keys, f in last.items() if not all(k in store for k in keys)]
 
 
+def same_prompt(cfg: Config, messages: list[dict], teacher: CachedTeacher) -> None:
+    """Refuse, before the first paid query, to continue prefixes through a completions endpoint that
+    renders a prompt otherwise than the chat endpoint collect used: the counts would be of another
+    prompt's continuations. One prompt, both ways, compared by `usage.prompt_tokens` (two short
+    requests, in this run's ledger); a server that cannot answer the comparison is only warned of."""
+    import openai
+
+    from bayeskd.teachers.check import rendering, rendering_mismatch
+    from bayeskd.teachers.openai_compat import OpenAITeacher
+
+    t = teacher.teacher
+    if not isinstance(t, OpenAITeacher) or t.prefix_via != "completions" or cfg.teacher.endpoint != "chat":
+        return
+    try:
+        chat, completion, usage = rendering(t, messages)
+    except (openai.APIError, KeyError, TypeError) as e:
+        print(f"probe: could not compare the chat and completions prompts: {e}", file=sys.stderr)
+        return
+    teacher.budget.ledger.add(cfg.teacher.key_name, content_key(cfg.teacher.key_name, messages, "rendering"),
+                              usage.prompt_tokens, usage.completion_tokens)  # fmt: skip
+    if chat != completion:
+        raise BayeskdError(f"probe: {rendering_mismatch(chat, completion, cfg.teacher.completion_template)}; "
+                           "nothing was queried")  # fmt: skip
+
+
 def run_probe(cfg: Config, run: Run, force: bool = False) -> dict | None:
     p = cfg.probe
     if p.budget_tokens is None:
@@ -395,6 +426,8 @@ def run_probe(cfg: Config, run: Run, force: bool = False) -> dict | None:
         print(FALLBACK.format(name=cfg.teacher.key_name, via=cfg.teacher.prefix_via, samples=p.samples))
         strategy, fallback = "whole", True
     try:
+        if strategy != "whole":
+            same_prompt(cfg, prober.record(0)["messages"], teacher)
         result = probe(prober, teacher, strategy)
     finally:
         store.close()
