@@ -106,7 +106,8 @@ def _teacher_check(cfg, positions: int) -> int:
     from bayeskd.teachers.check import check_teacher, print_report
 
     if cfg.teacher.backend != "openai":
-        raise BayeskdError("teacher-check probes an OpenAI-compatible endpoint: set teacher.backend=openai and teacher.base_url")
+        raise BayeskdError("teacher-check probes an OpenAI-compatible endpoint: "
+                           "set teacher.backend=openai and teacher.base_url")
     report = check_teacher(cfg, load_prompts(cfg.collect, cfg.seed)[0]["messages"], positions)
     print_report(report)
     for row in report.failed:

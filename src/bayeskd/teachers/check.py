@@ -29,9 +29,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import openai
+
 from bayeskd.config import Config
 from bayeskd.teachers.base import Usage
-from bayeskd.teachers.openai_compat import OpenAITeacher
+from bayeskd.teachers.openai_compat import OpenAITeacher, TeacherUnavailable
 
 TOP = 20
 """Alternatives asked for: the most APIs give, so that the unlisted mass is small."""
@@ -64,7 +66,9 @@ class _Client:
     def __init__(self, teacher: OpenAITeacher, report: Report):
         self.teacher, self.report = teacher, report
         cfg = teacher.cfg
-        self.common: dict[str, Any] = {"model": cfg.model, **({"extra_body": dict(cfg.extra_body)} if cfg.extra_body else {})}
+        self.common: dict[str, Any] = {"model": cfg.model}
+        if cfg.extra_body:
+            self.common["extra_body"] = dict(cfg.extra_body)
 
     def chat(self, messages: list[dict], **params) -> dict:
         return self._paid(self.teacher.client.chat.completions.create(messages=messages, **self.common, **params))
@@ -75,7 +79,8 @@ class _Client:
     def _paid(self, raw: Any) -> dict:
         body = raw.model_dump(warnings=False)
         u = body.get("usage") or {}
-        self.report.usage = self.report.usage + Usage(int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0))
+        paid = Usage(int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0))
+        self.report.usage = self.report.usage + paid
         return body
 
 
@@ -106,8 +111,10 @@ def check_teacher(cfg: Config, messages: list[dict], positions: int = 256) -> Re
         report.rows.append(_n(client, messages))
         report.rows.append(_seed(client, messages))
         samples = _samples(client, messages, positions)
-        report.rows += [_top_logprobs(samples, cfg), _end_of_turn(samples), _rendering(teacher, client, messages, cfg),
-                        _sampling(samples, cfg)]  # fmt: skip
+        report.rows += [_top_logprobs(samples, cfg), _end_of_turn(samples)]
+        report.rows += [_rendering(teacher, client, messages, cfg), _sampling(samples, cfg)]
+    except openai.APIError as e:
+        raise TeacherUnavailable(f"teacher-check: a request to {cfg.teacher.base_url} failed: {_short(str(e), 300)}") from None
     finally:
         teacher.close()
     return report
@@ -201,7 +208,8 @@ def _rendering(teacher: OpenAITeacher, client: _Client, messages: list[dict], cf
     if chat == completion:
         return Row("prompt rendering", "ok", f"chat and completions: {chat} prompt tokens each")
     probe_uses_it = cfg.teacher.endpoint == "chat" and teacher.prefix_via == "completions" and cfg.probe.budget_tokens
-    return Row("prompt rendering", "fail" if probe_uses_it else "warn", f"chat {chat} vs completions {completion} prompt tokens",
+    found = f"chat {chat} vs completions {completion} prompt tokens"
+    return Row("prompt rendering", "fail" if probe_uses_it else "warn", found,
                rendering_mismatch(chat, completion, cfg.teacher.completion_template))  # fmt: skip
 
 
@@ -228,8 +236,8 @@ def _sampling(samples: list[dict], cfg: Config) -> Row:
         return Row("sampling", "warn", "not measured: no positions with the top 20 alternatives")
     found = (f"{n} positions: {rare} rare tokens sampled (>= {rare_expected:.1f} predicted), "
              f"{outside} outside the top {TOP} ({outside_expected:.1f} predicted)")  # fmt: skip
-    truncated = [name for name, seen, expected in (("min_p-like", rare, rare_expected), ("top_k-like", outside, outside_expected))
-                 if expected >= 5 and _poisson_cdf(seen, expected) < 1e-3]  # fmt: skip
+    tests = (("min_p-like", rare, rare_expected), ("top_k-like", outside, outside_expected))
+    truncated = [name for name, seen, expected in tests if expected >= 5 and _poisson_cdf(seen, expected) < 1e-3]
     if not truncated:
         return Row("sampling", "ok", found)
     extra = f"teacher.extra_body={cfg.teacher.extra_body} does not turn it off" if cfg.teacher.extra_body else \
