@@ -2,7 +2,7 @@
 students trained to convergence, judged on the teacher's tasks and on the API tokens saved.
 
     HF_HUB_OFFLINE=1 python bench/realworld.py [--size smoke|cpu|gpu] [--seeds 0 1 2]
-        [--regimes 0 5 20] [--phases teacher base students ablation efficiency fit scratch]
+        [--regimes 0 5 20] [--phases teacher base students ablation efficiency deep scratch fit]
         [--out bench/out/realworld] [key=value ...]
 
 1. **Teacher** (`bench/realworld_teacher.py`): SmolLM2-135M-Instruct fine-tuned privately on the
@@ -26,15 +26,18 @@ students trained to convergence, judged on the teacher's tasks and on the API to
    training prompts (prior, proxy and posterior rebuilt on that share: a user with fewer tokens has
    a proxy aligned on fewer), against both on all of it: how many API tokens `sft` needs to match
    `bayes`.
-7. **Scratch** (phase `scratch`, seed 0, top-5): `sft`, `topk-kd` and `bayes` students with the same
+7. **Deeper students** (phase `deep`, seed 0, top-5): `sft`, `topk-kd` and `bayes` cut at the
+   size's `deep_layers` layers, for when the 2-layer students cannot do the tasks at all.
+8. **Scratch** (phase `scratch`, seed 0, top-5): `sft`, `topk-kd` and `bayes` students with the same
    shape and random weights.
 
 Every student is scored here on all held-out prompts: greedy exact-match accuracy against the gold
 answers (`suite.grade`), agreement with the teacher's own greedy answer, and `eval`'s bits per
 byte and KL to the teacher. Every stage is a `bayeskd` command whose finished outputs are skipped
-on a rerun, and student scores are cached per model: a killed run resumes. Tables (mean ± sample
+on a rerun, and student scores are cached per model: a killed run resumes (its recorded time adds
+to the earlier run's; delete OUT/realworld.json to start the clock again). Tables (mean ± sample
 std over seeds) and OUT/realworld.json are rewritten after each phase, so a partial run reports
-what finished.
+what finished; `--tables` rebuilds the tables and verdicts from the JSON alone.
 """
 
 from __future__ import annotations
@@ -66,10 +69,10 @@ SIZES = {
     # family the distillation reads; n: teacher samples per prompt; epochs: student passes.
     "smoke": {"families": ("add", "parity"), "suite": {"teacher": 48, "train": 16, "validation": 6, "heldout": 10},
               "use": {"train": 16, "validation": 6, "heldout": 10}, "teacher_epochs": 1.0, "n": 2, "epochs": 1.0,
-              "proxy_epochs": 0.5, "proxy_layers": 4},
+              "proxy_epochs": 0.5, "proxy_layers": 4, "deep_layers": 3},
     "cpu": {"families": None, "suite": {"teacher": 160, "train": 200, "validation": 40, "heldout": 100},
             "use": {"train": 40, "validation": 12, "heldout": 40}, "teacher_epochs": None, "n": 2, "epochs": 3.0,
-            "proxy_epochs": 1.0, "proxy_layers": None},
+            "proxy_epochs": 1.0, "proxy_layers": None, "deep_layers": 10},
     # On paper, for a lent GPU (not run): 5 families x (200 train, 40 validation, 100 held-out)
     # prompts, n = 4 samples: 4,000 training responses (~200k tokens with the prompt); students of 4
     # layers for 3 epochs: 3 seeds x 3 regimes x ~9 students ~ 80 students x 600k tokens; at ~50k
@@ -78,7 +81,7 @@ SIZES = {
     # requests through bayeskd serve, a few minutes) and eval: under an hour.
     "gpu": {"families": None, "suite": {"teacher": 160, "train": 200, "validation": 40, "heldout": 100},
             "use": {"train": 200, "validation": 40, "heldout": 100}, "teacher_epochs": None, "n": 4, "epochs": 3.0,
-            "proxy_epochs": 1.0, "proxy_layers": None},
+            "proxy_epochs": 1.0, "proxy_layers": None, "deep_layers": 10},
 }
 
 
@@ -333,7 +336,8 @@ def tables(record: dict) -> str:
             lines.append(f"\n{k} vs `{v['baseline']}`: {v['gap']:+.3f} (2 std {v['two_std']:.3f}: "
                          f"{'beats' if v['beats'] else 'does not beat'})")  # fmt: skip
         lines.append("")
-    for title, key in (("Ablation (seed 0)", "ablation"), ("Scratch-initialised students (seed 0, top-5)", "scratch")):
+    for title, key in (("Ablation (seed 0)", "ablation"), ("Deeper students (seed 0)", "deep"),
+                       ("Scratch-initialised students (seed 0, top-5)", "scratch")):  # fmt: skip
         if record.get(key):
             lines += [f"### {title}", "", "| run | student | accuracy | agreement | bpb | KL |", "|---|---|---|---|---|---|"]
             for run, rows in record[key].items():
@@ -360,10 +364,13 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--regimes", type=int, nargs="+", default=[0, 5, 20])
-    parser.add_argument("--phases", nargs="+", default=["teacher", "base", "students", "ablation", "efficiency", "fit", "scratch"])
+    parser.add_argument("--phases", nargs="+", default=["teacher", "base", "students", "ablation", "efficiency", "deep", "scratch", "fit"])
     parser.add_argument("--out", default="bench/out/realworld")
+    parser.add_argument("--tables", action="store_true", help="only rebuild OUT/realworld.md from OUT/realworld.json")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides for every run")
     args = parser.parse_args()
+    if args.tables:
+        return retable(ROOT / args.out)
     size = SIZES[args.size]
     cfg, base = load_bench_config(args.config, args.overrides)
     out = ROOT / args.out
@@ -423,6 +430,13 @@ def main() -> None:
                     per[r][seed]["bayes (fitted)"] = rows["bayes"]
                 record["regimes"] = regimes_record(per, args)
                 lap(f"fit seed {seed}")
+        if "deep" in args.phases:
+            r, layers = (5 if 5 in args.regimes else top), size["deep_layers"]
+            root, over = bench.variant(r, False)
+            run = bench.students(root, over, args.seeds[0], ["sft", "topk-kd", "bayes"], name=f"deep{layers}",
+                                 extra=(f"distill.train.init_layers={layers}",))  # fmt: skip
+            record["deep"] = {f"top{r}, {layers} layers": student_rows(run, scorer, examples)}
+            lap("deep")
         if "scratch" in args.phases:
             r = 5 if 5 in args.regimes else top
             root, over = bench.variant(r, False)
@@ -535,15 +549,34 @@ def efficiency(bench: Bench, scorer: Scorer, seed: int, top: int) -> dict:
         tokens = api_tokens(corpus_rows(bench.base / "collect" / "corpus.jsonl"), kept)
         for mode, s in found.items():
             rows.append({"share": share, "tokens": tokens, "mode": mode, **{f: s[f] for f in ("accuracy", "bpb")}})
+    return {"rows": rows, "answer": efficiency_answer(rows)}
+
+
+def efficiency_answer(rows: list[dict]) -> str:
+    """How many API tokens `sft` needs to match `bayes` trained on all of them, per measure."""
     full = next(r for r in rows if r["share"] == "1" and r["mode"] == "bayes")
-    match = [r for r in rows if r["mode"] == "sft" and r["accuracy"] >= full["accuracy"]]
-    if match:
-        need = min(r["tokens"] for r in match)
-        answer = (f"sft matches bayes-on-all ({full['accuracy']:.3f} accuracy) with {need} of {full['tokens']} "
-                  f"API tokens: bayes saves {full['tokens'] - need} tokens ({1 - need / full['tokens']:.0%})")  # fmt: skip
-    else:
-        answer = f"sft never reaches bayes-on-all's {full['accuracy']:.3f} accuracy within {full['tokens']} API tokens"
-    return {"rows": rows, "answer": answer}
+    out = []
+    for measure, higher in (("accuracy", True), ("bpb", False)):
+        match = [r for r in rows if r["mode"] == "sft" and (r[measure] >= full[measure] if higher else r[measure] <= full[measure])]
+        if match:
+            need = min(r["tokens"] for r in match)
+            out.append(f"{measure}: sft matches bayes-on-all ({full[measure]:.3f}) with {need} of {full['tokens']} API tokens, "
+                       f"so bayes saves {full['tokens'] - need} ({1 - need / full['tokens']:.0%})")  # fmt: skip
+        else:
+            out.append(f"{measure}: sft never reaches bayes-on-all's {full[measure]:.3f} within {full['tokens']} API tokens")
+    return "; ".join(out)
+
+
+def retable(out: Path) -> None:
+    """Rebuild OUT/realworld.md (and the verdicts and the efficiency answer in the JSON) from the
+    recorded measurements, without running anything."""
+    record = json.loads((out / "realworld.json").read_text())
+    for reg in record.get("regimes", []):
+        reg["verdict"] = verdict(reg["students"], reg["regime"])
+    if record.get("efficiency"):
+        record["efficiency"]["answer"] = efficiency_answer(record["efficiency"]["rows"])
+    write_record(str(out), "realworld", record, tables(record))
+    print(tables(record))
 
 
 if __name__ == "__main__":
