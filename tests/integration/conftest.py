@@ -65,3 +65,15 @@ def start_server():
 def server(tiny_teacher_dir):
     with _start_server(tiny_teacher_dir) as s:
         yield s
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module that serves and trains tiny models at once: they gain nothing
+    from more, and on a busy 2-core machine the threads' spin-waits slow each generation 10-50x."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

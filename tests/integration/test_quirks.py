@@ -24,14 +24,7 @@ from bayeskd.targets import TargetStore
 LIMIT = 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -9,14 +9,7 @@ from bayeskd.config import ServeConfig, load_config
 from bayeskd.teachers.check import check_teacher
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def check(server, capsys, *extra: str) -> tuple[int, dict[str, str], str]:
