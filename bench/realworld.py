@@ -306,7 +306,8 @@ def verdict(students: dict, r: int) -> dict:
             if b in students and measure in students[b]:
                 gap = sign * (students[b][measure]["mean"] - students[best][measure]["mean"])
                 two_std = 2 * max(students[b][measure]["std"], students[best][measure]["std"])
-                out[f"{b} / {measure}"] = {"baseline": best, "gap": gap, "two_std": two_std, "beats": gap > two_std}
+                said = "beats" if gap > two_std else "loses to" if gap < -two_std else "ties (within 2 std)"
+                out[f"{b} / {measure}"] = {"baseline": best, "gap": gap, "two_std": two_std, "beats": gap > two_std, "verdict": said}
     return out
 
 
@@ -319,9 +320,10 @@ def tables(record: dict) -> str:
         for name, row in t["models"].items():
             kl = f"{row['kl']:.3f}" if row.get("kl") is not None else "-"
             lines.append(f"| {name} | {row['accuracy']:.3f} | {kl} |")
-        lines += ["", "| family | chance | public | format-only | teacher |", "|---|---|---|---|---|"]
+        lines += ["", "| family | chance | public | format-only | teacher | proxy after alignment |", "|---|---|---|---|---|---|"]
         for f, row in t["families"].items():
-            lines.append(f"| {f} | {row['chance']:.3f} | {row['public']:.3f} | {row['format']:.3f} | {row['teacher']:.3f} |")
+            lines.append(f"| {f} | {row['chance']:.3f} | {row['public']:.3f} | {row['format']:.3f} | {row['teacher']:.3f} "
+                         f"| {row['proxy']:.3f} |")  # fmt: skip
         lines.append("")
     for reg in record.get("regimes", []):
         r = reg["regime"]
@@ -333,8 +335,8 @@ def tables(record: dict) -> str:
             ep = f"{s['epoch']['mean']:.2f}" if "epoch" in s else "-"
             lines.append(f"| {mode} | " + " | ".join(cells) + f" | {ep} |")
         for k, v in reg["verdict"].items():
-            lines.append(f"\n{k} vs `{v['baseline']}`: {v['gap']:+.3f} (2 std {v['two_std']:.3f}: "
-                         f"{'beats' if v['beats'] else 'does not beat'})")  # fmt: skip
+            lines.append(f"\n{k} vs `{v['baseline']}` (the best baseline; + is better for bayes): {v['gap']:+.3f}, "
+                         f"2 std {v['two_std']:.3f}: {v['verdict']}")  # fmt: skip
         lines.append("")
     for title, key in (("Ablation (seed 0)", "ablation"), ("Deeper students (seed 0)", "deep"),
                        ("Scratch-initialised students (seed 0, top-5)", "scratch")):  # fmt: skip
