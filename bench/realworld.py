@@ -220,6 +220,12 @@ def normalise(text: str) -> str:
     return " ".join("".join(c for c in text.lower() if c.isalnum() or c.isspace()).split())
 
 
+def weights_key(model_dir: Path) -> str:
+    """A cache key for a model folder's weights: its path, size and modification time."""
+    stat = (model_dir / "model.safetensors").stat()
+    return f"{model_dir}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
 class Scorer:
     """Greedy answers on every held-out prompt: accuracy against the gold answers, agreement with
     the teacher's own greedy answers (this evaluator loads the teacher; the method never does)."""
@@ -241,8 +247,7 @@ class Scorer:
         from bayeskd.models import load_causal_lm, load_tokenizer
         from bayeskd.suite import grade
 
-        stat = (model_dir / "model.safetensors").stat()
-        key = f"{model_dir}:{stat.st_size}:{stat.st_mtime_ns}"
+        key = weights_key(model_dir)
         if key not in self.cache:
             responses = rt.generate(load_causal_lm(str(model_dir)), load_tokenizer(str(model_dir)),
                                     [it.prompt for it in self.items], self.scoring)  # fmt: skip
@@ -378,9 +383,9 @@ def main() -> None:
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
     record: dict = {"size": args.size, "sizes": size, "seeds": args.seeds, "seconds": {}}
-    previous = out / "realworld.json"
-    if previous.is_file() and json.loads(previous.read_text()).get("size") == args.size:  # a resumed run: time adds up
-        record["seconds"] = json.loads(previous.read_text()).get("seconds", {})
+    previous = json.loads((out / "realworld.json").read_text()) if (out / "realworld.json").is_file() else {}
+    if previous.get("size") == args.size:  # a resumed run: time adds up
+        record["seconds"] = previous.get("seconds", {})
     clock = time.perf_counter()
 
     def lap(name: str) -> None:
@@ -473,8 +478,7 @@ def teacher_report(bench: Bench, suite, teacher: Path, info: dict, scorer: Score
     fmt = rt.teacher_folder(suite.suite, recipe(bench.size, bench.args.seeds[0]), "format")
     models = {"public SmolLM2-135M-Instruct (the proxy before alignment)": public, "format-only fine-tune": fmt,
               "teacher (private fine-tune)": teacher, "proxy after alignment": proxy}  # fmt: skip
-    stat = (proxy / "model.safetensors").stat()
-    key = f"proxy_kl:{proxy}:{stat.st_size}:{stat.st_mtime_ns}"  # cached with the scores: a resumed run skips it
+    key = f"proxy_kl:{weights_key(proxy)}"  # cached with the scores: a resumed run skips it
     if key not in scorer.cache:
         scorer.cache[key] = proxy_kl(bench, teacher, {"public SmolLM2-135M-Instruct (the proxy before alignment)": public,
                                                       "proxy after alignment": proxy})  # fmt: skip
@@ -528,8 +532,9 @@ def efficiency(bench: Bench, scorer: Scorer, seed: int, top: int) -> dict:
     match bayes on all. On all of them both students are the students phase's (seed `seed`)."""
     n_train = len(bench.suite.items("train"))
     rows = []
-    for share in ("1/4", "1/2", "1"):
-        k = n_train * int(share.split("/")[0]) // int(share.split("/")[1]) if "/" in share else n_train
+    for share, part in (("1/4", 4), ("1/2", 2), ("1", 1)):
+        k = n_train // part
+        examples = bench.train_examples(bench.base) // part
         tag = "" if share == "1" else f"-share{k}"
         sub_base = bench.base if share == "1" else bench.base.parent / f"base{tag}"
         extra = () if share == "1" else (f"data.train_prompts={k}",)
@@ -537,8 +542,7 @@ def efficiency(bench: Bench, scorer: Scorer, seed: int, top: int) -> dict:
             link_stages(bench.base, sub_base, ("collect",))
             for stage in ("prior", "proxy"):
                 bayeskd(stage, *bench.common, *extra, f"run_dir={sub_base}",
-                        *bench.proxy_overrides(bench.train_examples(bench.base) * k // n_train))  # fmt: skip
-        examples = bench.train_examples(bench.base) * k // n_train
+                        *bench.proxy_overrides(examples))  # fmt: skip
         root, over = bench.variant(0, False, base=sub_base, tag=tag, extra=extra)
         if share == "1":  # the students phase's: bayes of regime 0, and sft (the same in every regime)
             found = {**student_rows(bench.base.parent / f"top{top}-default" / f"seed{seed}", scorer, examples),
