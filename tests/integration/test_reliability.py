@@ -155,6 +155,28 @@ def test_permanent_failures_are_recorded_and_retried_on_rerun(start_server, tiny
     assert faults.generated == limit  # faults struck before the model ran: nothing was paid for twice
 
 
+def test_a_server_that_dies_mid_run_stops_collect_naming_it(start_server, tiny_teacher_dir, tmp_path, capsys):
+    # The server answers 3 requests, then dies: later connections are refused. collect must say the
+    # endpoint is down (naming it) after teacher.down_after refusals, not sit retrying every prompt.
+    limit, answered = 8, 3
+    run_dir = tmp_path / "run"
+    named = ["teacher.name=tiny-teacher", f"collect.limit={limit}", "collect.max_tokens=4", "teacher.max_concurrency=1"]
+    with fault_server(start_server, tiny_teacher_dir, tmp_path / "calls.jsonl", die_after=answered) as s:
+        assert main([*collect_args(run_dir, s, *named), "teacher.down_after=3"]) == 2
+        dead_url = s.base_url
+    err = capsys.readouterr().err
+    assert f"teacher at {dead_url} is down: 3 connections in a row were refused" in err
+    assert manifest(run_dir)["status"] == "running"  # not finished: the rerun resumes it
+    assert len(audit_store(run_dir)) == answered  # what was paid for is kept
+    # The server is back (at another address: the named teacher's answers stay valid); only the rest is asked.
+    with start_server(tiny_teacher_dir) as s:
+        assert main(collect_args(run_dir, s, *named)) == 0
+    m = manifest(run_dir)
+    assert m["status"] == "done" and m["summary"]["requests"] == limit - answered
+    keys = audit_store(run_dir)
+    assert len(keys) == len(set(keys)) == limit
+
+
 # ---------------------------------------------------------------- SIGKILL, again and again
 
 

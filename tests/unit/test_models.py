@@ -39,3 +39,19 @@ def test_init_enters_the_fingerprint_only_when_it_is_not_the_default():
     assert "init" not in base.identity()
     scratch = load_config(None, ["distill.train.init=scratch"]).distill.train
     assert scratch.identity() == {**base.identity(), "init": "scratch"}
+
+
+def test_cache_root_is_the_env_then_the_checkouts_cache_then_home(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from bayeskd.models import cache_root
+
+    monkeypatch.delenv("BAYESKD_CACHE", raising=False)
+    home = Path.home() / ".cache" / "bayeskd"
+    assert cache_root(tmp_path) == home  # not a checkout
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    assert cache_root(tmp_path) == home  # a checkout with no cache yet: nothing to reuse
+    (tmp_path / ".cache" / "bayeskd").mkdir(parents=True)
+    assert cache_root(tmp_path) == tmp_path / ".cache" / "bayeskd"  # what `make demo` filled
+    monkeypatch.setenv("BAYESKD_CACHE", str(tmp_path / "mine"))
+    assert cache_root(tmp_path) == tmp_path / "mine"

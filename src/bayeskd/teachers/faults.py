@@ -14,6 +14,9 @@ With `serve.faults.*` rates set, a share of generation requests (`/v1/chat/compl
   ended its turn at once);
 - `truncated`: a valid answer cut short (text and logprobs halved, finish_reason `length`).
 
+With `die_after` set, the server dies after that many generation requests: the next one's
+connection is dropped and the server stops listening (`FaultInjector.on_die`).
+
 The choice is deterministic: request number k (counted from 1 since the server started)
 draws from a generator seeded with (`seed`, k), so a run replays the same faults in the same
 request order. The injector counts requests, faults, statuses, and the requests the model
@@ -26,6 +29,7 @@ import asyncio
 import json
 import random
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from bayeskd.config import FAULT_KINDS, FaultConfig
@@ -50,6 +54,8 @@ class FaultInjector:
         self.injected: Counter[str] = Counter()
         self.statuses: Counter[int | None] = Counter()
         """Status the client was sent (None: dropped)."""
+        self.on_die: Callable[[], None] | None = None
+        """Stops the server listening; the server that runs the app sets it (`serve.die_after`)."""
 
     def choose(self, number: int) -> tuple[str | None, int]:
         """The fault of request `number` (or None) and its shape (0..VARIANTS-1): a function of (seed, number)."""
@@ -93,6 +99,12 @@ class FaultMiddleware:
         inj = self.injector
         inj.requests += 1
         number = inj.requests
+        if inj.cfg.die_after is not None and number > inj.cfg.die_after:
+            if inj.on_die is not None:
+                inj.on_die()
+            await _drop(send)
+            inj.record(number, scope["path"], "die", None, False)
+            return
         fault, variant = inj.choose(number)
         if fault:
             inj.injected[fault] += 1
@@ -104,10 +116,7 @@ class FaultMiddleware:
                 await _send(send, status, _error_body(status, kind, f"injected fault: {fault}"), headers=headers)
                 return
             if fault == "drop":
-                # Headers promise a body that never comes; returning without it makes the ASGI
-                # server close the connection, which the client sees as a broken connection.
-                await send({"type": "http.response.start", "status": 200,
-                            "headers": [(b"content-type", b"application/json"), (b"content-length", b"1024")]})
+                await _drop(send)
                 return
             if fault == "slow":
                 # Read the request first: the model still runs after the client gave up, as at a real API.
@@ -135,6 +144,13 @@ class FaultMiddleware:
             generated = status == 200
         finally:
             inj.record(number, scope["path"], fault, status, generated)
+
+
+async def _drop(send: Any) -> None:
+    """Headers that promise a body that never comes: returning without it makes the ASGI server
+    close the connection, which the client sees as a broken connection."""
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"1024")]})  # fmt: skip
 
 
 async def _buffered(receive: Any) -> Any:

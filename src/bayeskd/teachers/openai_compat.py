@@ -42,6 +42,10 @@ class TeacherUnavailable(BayeskdError):
     """The endpoint cannot be reached or rejects the key: nothing can be collected."""
 
 
+class TeacherDown(TeacherUnavailable):
+    """The endpoint refused `teacher.down_after` connections in a row during a run."""
+
+
 class OpenAITeacher(Teacher):
     def __init__(self, cfg: TeacherConfig):
         self.cfg = cfg
@@ -58,6 +62,8 @@ class OpenAITeacher(Teacher):
         """Whether the server was seen to answer a request for n > 1 samples with one (llama.cpp's
         server does): from then on each sample is asked for on its own."""
         self._lock = threading.Lock()
+        self._refused = 0
+        """Refused connections in a row, over all threads; any answer from the server resets it."""
 
     def check(self) -> None:
         """Fail fast, before any paid call, on an unreachable endpoint or a rejected key (lists models)."""
@@ -77,7 +83,7 @@ class OpenAITeacher(Teacher):
         it = iter(enumerate(requests))
         with ThreadPoolExecutor(max_workers=self.cfg.max_concurrency, thread_name_prefix="teacher") as pool:
             running: dict[Future, int] = {}
-            exhausted = False
+            exhausted, down = False, None
             while running or not exhausted:
                 while not exhausted and len(running) < self.cfg.max_concurrency:
                     try:
@@ -90,7 +96,15 @@ class OpenAITeacher(Teacher):
                     break
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for fut in done:
-                    yield running.pop(fut), fut.result()
+                    index = running.pop(fut)
+                    try:
+                        result = fut.result()
+                    except TeacherDown as e:  # send nothing more; what is in flight still comes back
+                        down, exhausted = down or e, True
+                        continue
+                    yield index, result
+        if down:
+            raise down
 
     # ------------------------------------------------------------------ one call
 
@@ -122,6 +136,7 @@ class OpenAITeacher(Teacher):
                 return response
             except TeacherError as e:
                 paid = paid + e.usage
+                self._stop_if_down(e)
                 if not e.retryable or attempt >= self.cfg.max_retries:
                     e.args = (f"{e.args[0]} (after {attempt + 1} attempts)",)
                     e.usage = paid
@@ -131,6 +146,16 @@ class OpenAITeacher(Teacher):
                     delay = self.cfg.backoff_s * (2**attempt) * (0.5 + random.random())
                 time.sleep(min(delay, MAX_RETRY_AFTER_S))
                 attempt += 1
+
+    def _stop_if_down(self, error: TeacherError) -> None:
+        """Raise TeacherDown once `teacher.down_after` connections in a row were refused."""
+        if self.cfg.down_after and self._refused >= self.cfg.down_after:
+            where = self.cfg.base_url or "the OpenAI API"
+            raise TeacherDown(
+                f"teacher at {where} is down: {self._refused} connections in a row were refused (last: {error}). "
+                "Stopped; every answer received is kept, and a rerun asks only for the rest once the server is back "
+                "(teacher.down_after sets how many refusals mean down)"
+            )
 
     def _found_ignores_n(self, n: int) -> None:
         with self._lock:
@@ -173,28 +198,48 @@ class OpenAITeacher(Teacher):
         if self.cfg.extra_body:
             common["extra_body"] = dict(self.cfg.extra_body)
         try:
-            if request.prefix is not None:
-                return self._continue(request, common)
-            if self.cfg.endpoint == "chat":
-                if request.messages is None:
-                    raise TeacherError("teacher.endpoint=chat needs chat messages, got a raw prompt")
-                if request.top_logprobs:
-                    common.update(logprobs=True, top_logprobs=request.top_logprobs)
-                raw = self.client.chat.completions.create(messages=request.message_dicts(), **common)
-                return _checked(parse_chat, _body(raw), request)
-            if request.top_logprobs:
-                common["logprobs"] = request.top_logprobs
-            prompt = request.prompt if request.prompt is not None else self.format_chat(request.message_dicts())
-            raw = self.client.completions.create(prompt=prompt, **common)
-            return _checked(parse_completion, _body(raw), request)
+            response = self._send(request, common)
         except openai.APIStatusError as e:
+            self._answered()
             raise _status_error(e, self.cfg.api_key_env) from None
         except openai.APITimeoutError:
             raise TeacherError(f"timed out after {self.cfg.timeout_s}s", retryable=True) from None
         except openai.APIConnectionError as e:
+            # No connection made (refused, unknown host), as against one dropped or reset: httpx's
+            # ConnectError (the SDK may bring its own copy of httpx, so it is matched by name).
+            refused = type(e.__cause__).__name__ == "ConnectError"
+            with self._lock:
+                self._refused = self._refused + 1 if refused else self._refused
             raise TeacherError(f"cannot reach {self.cfg.base_url or 'the OpenAI API'}: {e}", retryable=True) from None
+        except TeacherError:
+            self._answered()
+            raise
         except (ValueError, TypeError, KeyError, AttributeError) as e:  # a body of the wrong shape
+            self._answered()
             raise TeacherError(f"malformed response: {e}", retryable=True) from None
+        self._answered()
+        return response
+
+    def _answered(self) -> None:
+        with self._lock:
+            self._refused = 0
+
+    def _send(self, request: TeacherRequest, common: dict[str, Any]) -> TeacherResponse:
+        """The request by the endpoint it goes to; the SDK's and our parsers' errors pass through."""
+        if request.prefix is not None:
+            return self._continue(request, common)
+        if self.cfg.endpoint == "chat":
+            if request.messages is None:
+                raise TeacherError("teacher.endpoint=chat needs chat messages, got a raw prompt")
+            if request.top_logprobs:
+                common.update(logprobs=True, top_logprobs=request.top_logprobs)
+            raw = self.client.chat.completions.create(messages=request.message_dicts(), **common)
+            return _checked(parse_chat, _body(raw), request)
+        if request.top_logprobs:
+            common["logprobs"] = request.top_logprobs
+        prompt = request.prompt if request.prompt is not None else self.format_chat(request.message_dicts())
+        raw = self.client.completions.create(prompt=prompt, **common)
+        return _checked(parse_completion, _body(raw), request)
 
     def _continue(self, request: TeacherRequest, common: dict[str, Any]) -> TeacherResponse:
         """Prefix continuation, by the completions endpoint or by vLLM's continue_final_message."""

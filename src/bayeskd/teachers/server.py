@@ -20,6 +20,7 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -314,7 +315,16 @@ def serve(teacher: LocalTeacher, cfg: ServeConfig, served_name: str | None = Non
     import uvicorn
 
     app = create_app(teacher, cfg, served_name)
-    uvicorn.run(app, host=cfg.host, port=cfg.port or free_port(cfg.host), log_level="info")
+    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port or free_port(cfg.host), log_level="info"))
+    _die_with(app, server)
+    server.run()
+
+
+def _die_with(app: FastAPI, server: Any) -> None:
+    """`serve.faults.die_after`: the injector stops this uvicorn server (it stops listening, then exits)."""
+    faults = getattr(app.state, "faults", None)
+    if faults is not None:
+        faults.on_die = lambda: setattr(server, "should_exit", True)
 
 
 def free_port(host: str) -> int:
@@ -334,6 +344,7 @@ class BackgroundServer:
         self.host = cfg.host
         self.app = create_app(teacher, cfg, served_name)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host=cfg.host, port=self.port, log_level="warning"))
+        _die_with(self.app, self.server)
         self.thread = threading.Thread(target=self.server.run, name="bayeskd-serve", daemon=True)
 
     @property
