@@ -145,9 +145,15 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+CHECKPOINTS = "checkpoints"
+"""Training's resume state (`training.py`): model, optimizer and data order at a step. Not an
+output: a finished stage's manifest does not list it, and `Run.finish` removes it."""
+
+
 def stage_files(folder: Path) -> dict[str, dict]:
     """{relative path: {size, sha256}} of the files a stage wrote in `folder`: not its manifest,
-    not hidden temporaries (`.tmp-*`, `.name.tmp`), not sub-stages (folders with their own manifest)."""
+    not hidden temporaries (`.tmp-*`, `.name.tmp`), not sub-stages (folders with their own
+    manifest), not training's resume state (`checkpoints/`)."""
     out: dict[str, dict] = {}
 
     def walk(d: Path) -> None:
@@ -155,6 +161,8 @@ def stage_files(folder: Path) -> dict[str, dict]:
             if p.name.startswith("."):
                 continue
             if p.is_dir():
+                if p.name == CHECKPOINTS:
+                    continue
                 if not (p / MANIFEST).exists():
                     walk(p)
             elif p.is_file() and not (d == folder and p.name == MANIFEST):
@@ -162,6 +170,16 @@ def stage_files(folder: Path) -> dict[str, dict]:
 
     walk(folder)
     return out
+
+
+def drop_resume_state(folder: Path) -> None:
+    """Remove every `checkpoints/` folder of the stage in `folder` (not of its sub-stages)."""
+    for p in sorted(folder.iterdir()):
+        if p.is_dir() and not p.name.startswith("."):
+            if p.name == CHECKPOINTS:
+                shutil.rmtree(p, ignore_errors=True)
+            elif not (p / MANIFEST).exists():
+                drop_resume_state(p)
 
 
 def fingerprint(data: Any) -> str:
@@ -273,6 +291,8 @@ class Run:
         files = stage_files(self.root / stage)
         manifest.update(status=status, finished=now(), summary=summary, outputs=outputs or {}, files=files)
         write_json_atomic(path, manifest)
+        if status == "done":  # a finished training resumes nothing: its checkpoints are twice the model or more
+            drop_resume_state(self.root / stage)
         self._verified = {k for k in self._verified if k[0] != stage}
 
     def output(self, stage: str, name: str) -> Path:

@@ -177,6 +177,11 @@ class CollectConfig:
     price: PriceConfig = field(default_factory=PriceConfig)
     flush_every: int = 16
     """Records written between fsyncs of the store."""
+    teacher_check: bool = True
+    """openai: run `bayeskd teacher-check` once before the first paid request (20 to 70 short
+    requests: 22 and 781 tokens against llama.cpp serving SmolLM2; counted in the ledger). A row that would break
+    the run (no logprobs where they are asked for, server-side truncation of the sampling, ...)
+    stops the stage before it pays for anything; the table is kept in `collect/teacher_check.json`."""
 
     def validate(self, path: str) -> None:
         _check(self.n >= 1, f"{path}.n", self.n, "must be >= 1")

@@ -50,12 +50,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, get_scheduler
 
-from bayeskd.artifacts import writing
+from bayeskd.artifacts import CHECKPOINTS, writing
 from bayeskd.config import LoraConfig, TrainConfig
 from bayeskd.losses import IGNORE_INDEX, LossOutput
 
 LOG_NAME = "train_log.jsonl"
-CHECKPOINTS = "checkpoints"
 STATE_NAME = "trainer_state.json"  # written last: its presence marks a checkpoint complete
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 

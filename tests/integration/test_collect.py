@@ -65,8 +65,13 @@ def test_collect_over_http_with_logprobs(server, tmp_path):
     assert any(r["answer"] for r in rows)
     manifest = json.loads((tmp_path / "collect" / "manifest.json").read_text())
     assert manifest["status"] == "done"
+    # teacher-check ran once before the first paid request: its table is kept, its cost is in the ledger.
+    check = json.loads((tmp_path / "collect" / "teacher_check.json").read_text())
+    assert not check["failed"] and {r["name"] for r in check["rows"]} >= {"n", "top_logprobs", "sampling"}
     ledger = json.loads((tmp_path / "collect" / "ledger.json").read_text())
-    assert ledger["calls"] == 12 and ledger["tokens"] == manifest["summary"]["tokens"] > 0
+    paid = sum(r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"] for r in {r["call"]: r for r in rows}.values())
+    assert ledger["calls"] == 12 + 1 and ledger["tokens"] == manifest["summary"]["tokens"]
+    assert ledger["tokens"] == paid + sum(check["usage"].values()) and sum(check["usage"].values()) > 0
     # A rerun is skipped and pays nothing.
     assert main(args) == 0
     assert sorted(store_keys(tmp_path)) == sorted(r["key"] for r in rows)

@@ -76,11 +76,13 @@ def test_collect_and_probe_against_a_quirky_server(quirks, n, samples, eager_eos
     ledgers = [json.loads((run / stage / "ledger.json").read_text()) for stage in ("collect", "probe")]
     spent = {k: sum(sum(ledger[k].values()) for ledger in ledgers) for k in ("prompt_tokens", "completion_tokens")}
     assert spent == {k: billed[k] for k in spent}
+    # collect's teacher-check and probe's prompt check (chat and completions) are billed too.
+    checks = json.loads((run / "collect" / "teacher_check.json").read_text())["requests"] + 2
     if "ignore_n" in quirks:
-        assert billed["requests"] == LIMIT * n + len(probed) + 2  # one request per sample; probe's prompt check
+        assert billed["requests"] == LIMIT * n + len(probed) + checks  # one request per sample
         assert err.count("ignores n") == 2  # said once by each stage's client
     else:
-        assert billed["requests"] == LIMIT + len(answers) + 2  # probe's prompt check: chat and completions
+        assert billed["requests"] == LIMIT + len(answers) + checks
     if "empty_end_of_turn" in quirks:  # answers that ended the turn at once are kept, as the EOS
         empty = [r for r in rows if r["text"] == ""]
         assert empty and all(r["finish_reason"] == "stop" and r["tokens"] is None for r in empty)
@@ -97,6 +99,12 @@ def test_the_estimate_is_sound_against_a_quirky_server(quirk, eager_eos_teacher_
     run = tmp_path / "run"
     with start_server(eager_eos_teacher_dir, ServeConfig(port=0, quirks=[quirk])) as server:
         args = pipeline_args(run, server, tiny_teacher_dir, n=2, samples=1)
+        if quirk in ("extra_system_turn", "server_top_k"):  # collect's teacher-check stops it before it pays
+            assert main(["collect", *args]) == 2
+            row = "prompt rendering" if quirk == "extra_system_turn" else "sampling: "
+            assert f"teacher-check found what would break this collect: {row}" in capsys.readouterr().err
+            assert not list((run / "collect" / "store").glob("*.jsonl"))  # nothing collected
+            args.append("collect.teacher_check=false")  # collect anyway: what follows is what the client does then
         for stage in ("collect", "prior", "proxy", "posterior"):
             assert main([stage, *args]) == 0, stage
         if quirk == "extra_system_turn":  # probe continues prefixes through completions: another prompt
@@ -143,7 +151,7 @@ def test_samples_paid_before_a_failure_are_counted(tiny_teacher_dir, start_serve
     cfg = ServeConfig(port=0, quirks=["ignore_n"], faults=FaultConfig(server_error=0.3, seed=3))
     with start_server(tiny_teacher_dir, cfg) as server:
         args = pipeline_args(tmp_path / "run", server, tiny_teacher_dir, n=3, samples=1)
-        assert main(["collect", *args, "teacher.max_retries=0"]) == 0
+        assert main(["collect", *args, "teacher.max_retries=0", "collect.teacher_check=false"]) == 0
         billed = dict(server.app.state.billed)
     m = json.loads((tmp_path / "run" / "collect" / "manifest.json").read_text())
     failures = read_jsonl(tmp_path / "run" / "collect" / "failures.jsonl")

@@ -64,6 +64,7 @@ def collect_args(run_dir: Path, server, *extra: str) -> list[str]:
         f"teacher.model={server.teacher.model_ref}",
         f"teacher.base_url={server.base_url}",
         "teacher.backoff_s=0.02",
+        "collect.teacher_check=false",  # its requests would take faults meant for collect's own
         *extra,
     ]
 

@@ -42,8 +42,11 @@ def test_proxy_killed_mid_training_resumes_to_the_same_weights(tiny_teacher_dir,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     import json
 
-    summary = json.loads((killed / "proxy" / "manifest.json").read_text())["summary"]
+    manifest = json.loads((killed / "proxy" / "manifest.json").read_text())
+    summary = manifest["summary"]
     assert summary["resumed_from_step"] and summary["resumed_from_step"] >= 12
+    # Finished: the resume state is gone (it is no output: the manifest never listed it).
+    assert not ckpts.exists() and not [f for f in manifest["files"] if "checkpoints" in f]
     a = load_file(killed / "proxy" / "final" / "model.safetensors")
     b = load_file(clean / "proxy" / "final" / "model.safetensors")
     assert a.keys() == b.keys()

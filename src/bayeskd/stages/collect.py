@@ -10,6 +10,7 @@ for the later stages.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from bayeskd.teachers.base import Choice, TeacherRequest, TeacherResponse, conte
 from bayeskd.teachers.cached import Ask, CachedTeacher
 
 CORPUS = "corpus.jsonl"
+TEACHER_CHECK = "teacher_check.json"
 
 
 # ---------------------------------------------------------------- the plan
@@ -65,6 +67,7 @@ def stage_config(cfg: Config) -> dict:
         teacher["extra_body"] = t.extra_body
     collect = asdict(cfg.collect)
     collect.pop("flush_every")
+    collect.pop("teacher_check")
     return {"teacher": teacher, "collect": collect, "seed": cfg.seed}
 
 
@@ -87,6 +90,9 @@ def run_collect(cfg: Config, run: Run, force: bool = False) -> dict | None:
     todo = [(i, [s for s in range(c.n) if keys[i][s] not in store]) for i in range(len(prompts))]
     todo = [(i, missing) for i, missing in todo if missing]
     total = len(prompts) * c.n
+    checked = _teacher_checked(cfg, out, prompts[todo[0][0]]["messages"] if todo else None)
+    if checked:
+        ledger.add(teacher_name, "teacher-check", *checked)
     budget = Budget(ledger, c.budget_tokens, c.budget_cost)
     paid = CachedTeacher(build_teacher(cfg.teacher), store, budget, teacher_name) if todo else None
     jobs = [((i, missing), Ask(request_for(prompts[i], c, len(missing), first=missing[0]),
@@ -137,6 +143,32 @@ def run_collect(cfg: Config, run: Run, force: bool = False) -> dict | None:
     done = n_records == total
     run.finish("collect", "done" if done else "partial", summary, {"corpus": fingerprint_file(out / CORPUS)})
     return summary
+
+
+def _teacher_checked(cfg: Config, out: Path, messages: list[dict] | None) -> tuple[int, int] | None:
+    """`teacher-check` once per collect folder, before its first paid request (`collect.teacher_check`):
+    (prompt, completion) tokens it cost, or None when it did not run. A failed row stops the stage
+    (exit 2) before anything is paid for; a rerun checks again."""
+    path = out / TEACHER_CHECK
+    if path.exists():
+        done = json.loads(path.read_text())
+        if not done["failed"]:
+            return done["usage"]["prompt_tokens"], done["usage"]["completion_tokens"]
+    if messages is None or not cfg.collect.teacher_check or cfg.teacher.backend != "openai":
+        return None
+    from bayeskd.teachers.check import check_teacher, print_report
+
+    report = check_teacher(cfg, messages)
+    usage = {"prompt_tokens": report.usage.prompt_tokens, "completion_tokens": report.usage.completion_tokens}
+    write_json_atomic(path, {"rows": [asdict(r) for r in report.rows], "usage": usage, "requests": report.requests,
+                             "failed": bool(report.failed)})  # fmt: skip
+    print_report(report)
+    if report.failed:
+        reasons = "; ".join(f"{r.name}: {r.found} ({r.note})" for r in report.failed)
+        raise BayeskdError(f"teacher-check found what would break this collect: {reasons}. Nothing was collected; "
+                           f"the table is in {path}. Fix the server or the config, or set collect.teacher_check=false "
+                           "to collect anyway")  # fmt: skip
+    return usage["prompt_tokens"], usage["completion_tokens"]
 
 
 def _body(prompt: dict, sample_index: int, choice: Choice) -> dict:

@@ -54,6 +54,8 @@ class Row:
 class Report:
     rows: list[Row] = field(default_factory=list)
     usage: Usage = field(default_factory=Usage)
+    requests: int = 0
+    """Requests answered (each paid for)."""
 
     @property
     def failed(self) -> list[Row]:
@@ -81,6 +83,7 @@ class _Client:
         u = body.get("usage") or {}
         paid = Usage(int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0))
         self.report.usage = self.report.usage + paid
+        self.report.requests += 1
         return body
 
 
@@ -205,6 +208,7 @@ def _rendering(teacher: OpenAITeacher, client: _Client, messages: list[dict], cf
         return Row("prompt rendering", "warn", f"not compared: {_short(str(e))}",
                    "probe needs teacher.prefix_via=continue_final_message or none without a completions endpoint")  # fmt: skip
     client.report.usage = client.report.usage + usage
+    client.report.requests += 2
     if chat == completion:
         return Row("prompt rendering", "ok", f"chat and completions: {chat} prompt tokens each")
     probe_uses_it = cfg.teacher.endpoint == "chat" and teacher.prefix_via == "completions" and cfg.probe.budget_tokens
