@@ -32,9 +32,9 @@ def gather(cfg, run, corpus, teacher, proxy, heldout: bool, limit: int):
     """Dense p_T, p_proxy, contexts, tokens and evidence at up to `limit` positions of one setting."""
     import torch
 
-    from bayeskd import ngram
-    from bayeskd.estimate import record_evidence
-    from bayeskd.evidence import EvidenceMapper
+    from bayeskd.estimate import ngram
+    from bayeskd.estimate.update import record_evidence
+    from bayeskd.estimate.evidence import EvidenceMapper
 
     mapper = EvidenceMapper(corpus.tokenizer)
     vocab = len(corpus.tokenizer)
@@ -77,9 +77,10 @@ def main() -> None:
     parser.add_argument("--out", default="bench/out/ablate")
     args = parser.parse_args()
     cfg, run, corpus, teacher = open_finished_run(args.config, args.run)
-    from bayeskd import blackbox, ngram
-    from bayeskd import distributions as D
-    from bayeskd import metrics as M
+    from bayeskd.estimate.prior import NGramPrior
+    from bayeskd.estimate import blackbox, ngram
+    from bayeskd.estimate import distributions as D
+    from bayeskd.evaluate import metrics as M
     from bayeskd.models import load_causal_lm
     has_dpo = (run.manifest("proxy/dpo") or {}).get("status") == "done"
     proxies = args.proxies or ["sft", *(["sft+dpo"] if has_dpo else [])]
@@ -102,7 +103,7 @@ def main() -> None:
         )
         for order in args.orders:
             for mu in args.mus:
-                prior = ngram.NGramPrior(table, mu=mu, order=order)
+                prior = NGramPrior(table, mu=mu, order=order)
                 ctx = g["ctx"]  # a lower order reads only its last order-1 columns
                 targets = g["y"] if loo else None
                 p_prior = prior.dense(ctx, targets=targets)

@@ -47,7 +47,7 @@ def bayeskd(*args: str) -> None:
 
 def oracle_probs(cfg, corpus, prober) -> np.ndarray:
     """p_T [P, V] (float32) at every response position, from the oracle (this evaluator only)."""
-    from bayeskd.oracle import load_oracle, teacher_probs
+    from bayeskd.evaluate.oracle import load_oracle, teacher_probs
 
     model = load_oracle(cfg, corpus.tokenizer_fp)
     out = np.zeros((len(prober.tokens), len(corpus.tokenizer)), dtype=np.float32)
@@ -73,7 +73,7 @@ def fidelity(p_t: np.ndarray, prober, mask: np.ndarray) -> dict:
 
 def spend(cfg, corpus, prior, proxy, source, teacher, p_t, strategy: str, budget: int, out: Path) -> list[dict]:
     from bayeskd.stages.probe import Prober, probe
-    from bayeskd.store import Budget, Ledger, ResponseStore
+    from bayeskd.teachers.store import Budget, Ledger, ResponseStore
     from bayeskd.teachers.cached import CachedTeacher
 
     prober = Prober(cfg, corpus, prior, proxy, source, cfg.teacher.key_name)
@@ -126,9 +126,9 @@ def main() -> None:
     from bayeskd.config import load_config
     from bayeskd.models import load_causal_lm
     from bayeskd.corpus import load_corpus
-    from bayeskd.estimate import load_prior
-    from bayeskd.teachers import build_teacher
-    from bayeskd.targets import TargetStore
+    from bayeskd.estimate.update import load_prior
+    from bayeskd.teachers.build import build_teacher
+    from bayeskd.estimate.targets import TargetStore
 
     started = time.perf_counter()
     cfg = load_config(args.config)

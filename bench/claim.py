@@ -58,7 +58,7 @@ def open_finished_run(config: str, run_dir: str):
     cfg, _ = load_bench_config(config, [f"run_dir={path}"])
     from bayeskd.artifacts import Run
     from bayeskd.corpus import load_corpus
-    from bayeskd.oracle import load_oracle
+    from bayeskd.evaluate.oracle import load_oracle
 
     run = Run(path)
     corpus = load_corpus(cfg, run)
@@ -124,9 +124,9 @@ def trl_sft(cfg, root: Path, seed: int) -> dict:
     from bayeskd.artifacts import Run
     from bayeskd.models import load_causal_lm
     from bayeskd.corpus import load_corpus
-    from bayeskd.oracle import load_oracle
+    from bayeskd.evaluate.oracle import load_oracle
     from bayeskd.stages.evaluate import score_students
-    from bayeskd.training import resolve_mixed_precision
+    from bayeskd.train.loop import resolve_mixed_precision
 
     run = Run(root)
     corpus = load_corpus(cfg, run)
@@ -167,7 +167,7 @@ def scaling(args, cfg, base: Path, first: int, overrides: list[str]) -> list[dic
     from bayeskd.artifacts import Run
     from bayeskd.config import load_config
     from bayeskd.corpus import load_corpus
-    from bayeskd.oracle import load_oracle
+    from bayeskd.evaluate.oracle import load_oracle
     from bayeskd.stages.evaluate import score_estimates
 
     full = seed_dir(base, first)
@@ -228,7 +228,7 @@ def _student_order(mode: str) -> int:
 
 
 def tables(record: dict) -> str:
-    from bayeskd.report import ESTIMATES
+    from bayeskd.evaluate.report import ESTIMATES
 
     lines = [f"Students: mean ± sample std over seeds {record['seeds']} (held-out prompts: "
              f"{record['students_measured_on']['prompts']} prompts, {record['students_measured_on']['tokens']} response tokens)", "",

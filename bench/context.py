@@ -65,9 +65,9 @@ def gather(cfg, corpus, proxy, teacher, split: str, regimes: list[int], limit: i
     """Everything the candidates need at up to `limit` positions of one split, p_P dense; p_T (the oracle) when `dense`."""
     import torch
 
-    from bayeskd import ngram
-    from bayeskd.estimate import record_evidence
-    from bayeskd.evidence import EvidenceMapper
+    from bayeskd.estimate import ngram
+    from bayeskd.estimate.update import record_evidence
+    from bayeskd.estimate.evidence import EvidenceMapper
 
     vocab = len(corpus.tokenizer)
     indices = corpus.indices(split)
@@ -146,8 +146,6 @@ class Split:
     """One split's values at its candidates (fit) or over the whole vocabulary (score), per (mu, tau, r)."""
 
     def __init__(self, g: dict, table, r: int, dense: bool):
-        from bayeskd import ngram
-
         self.g, self.r, self.dense, self.table = g, r, dense, table
         ev_ids, self.ev_p = g[f"ev{r}"]
         P = len(g["y"])
@@ -159,11 +157,12 @@ class Split:
         self.safe = np.where(self.cand >= 0, self.cand, 0)
         self.sib_c, self.n_sib = sibling_counts(g["sib"], self.cand)
         self._prior = {}
-        self.ngram = ngram
 
     def prior(self, mu: float):
         if mu not in self._prior:
-            prior = self.ngram.NGramPrior(self.table, mu=mu, order=self.table.order)
+            from bayeskd.estimate.prior import NGramPrior
+
+            prior = NGramPrior(self.table, mu=mu, order=self.table.order)
             p = prior.dense(self.g["ctx"]) if self.dense else prior.prob(self.g["ctx"], self.safe)
             self._prior[mu] = (p, prior.query(self.g["ctx"], 1).kappa)
         return self._prior[mu]
@@ -174,7 +173,7 @@ class Split:
 
     def q(self, s: dict, centre: dict) -> np.ndarray:
         """The estimate of setting s: at the candidates [P, 1 + E], or dense [P, V] with the API's top-k applied."""
-        from bayeskd import distributions as D
+        from bayeskd.estimate import distributions as D
 
         prior_c, kappa = self.prior(s["mu"])
         m_t = proxy_weight(kappa, self.g[f"ent{s['tau']}"], s, centre)
@@ -184,7 +183,7 @@ class Split:
         return post
 
     def q_at_y(self, s: dict, centre: dict) -> np.ndarray:
-        from bayeskd import blackbox
+        from bayeskd.estimate import blackbox
 
         post = self.q(s, centre)
         if self.dense:
@@ -194,7 +193,7 @@ class Split:
 
 def fit(val: Split, centre: dict, contextual: bool, siblings_too: bool) -> tuple[dict, float]:
     """The setting with the lowest black-box NLL on the validation split."""
-    from bayeskd import blackbox
+    from bayeskd.estimate import blackbox
 
     bs, cs = (GRID["b"], GRID["c"]) if contextual else ((0.0,), (0.0,))
     best = None
@@ -221,8 +220,9 @@ def main() -> None:
     parser.add_argument("--out", default="bench/out/context")
     args = parser.parse_args()
     cfg, run, corpus, teacher = open_finished_run(args.config, args.run)
-    from bayeskd import blackbox, ngram
-    from bayeskd import metrics as M
+    from bayeskd.estimate import blackbox, ngram
+    from bayeskd.estimate.prior import NGramPrior
+    from bayeskd.evaluate import metrics as M
     from bayeskd.models import load_causal_lm
 
     proxy = load_causal_lm(str(run.output("proxy", "final")))
@@ -230,7 +230,7 @@ def main() -> None:
     g_val = gather(cfg, corpus, proxy, None, "validation", args.regimes, args.positions, dense=False)
     g_held = gather(cfg, corpus, proxy, teacher, "heldout", args.regimes, args.positions, dense=True)
     centre = {"ent": float(g_val["ent1.0"].mean()),
-              "log_kappa": float(np.log(ngram.NGramPrior(table, mu=8.0, order=table.order).query(g_val["ctx"], 1).kappa).mean())}  # fmt: skip
+              "log_kappa": float(np.log(NGramPrior(table, mu=8.0, order=table.order).query(g_val["ctx"], 1).kappa).mean())}  # fmt: skip
     record = {"positions": {"validation": len(g_val["y"]), "heldout": len(g_held["y"])}, "centre": centre, "regimes": {}}
     record["sibling_share"] = {k: float(np.mean([len(s) > 0 for s in g["sib"]])) for k, g in (("validation", g_val), ("heldout", g_held))}
     variants = {"constant M (fit: auto)": (False, False), "context-dependent M": (True, False),

@@ -38,7 +38,7 @@ def store_full_after(lines: int) -> Iterator[None]:
     """The response store's shard file: the disk is full after `lines` whole lines (7 bytes of the next land)."""
     import builtins
 
-    import bayeskd.store
+    import bayeskd.teachers.store
 
     left = [lines]
 
@@ -57,7 +57,7 @@ def store_full_after(lines: int) -> Iterator[None]:
             f.write = full
         return f
 
-    with _patched(bayeskd.store, "open", opener):
+    with _patched(bayeskd.teachers.store, "open", opener):
         yield
 
 

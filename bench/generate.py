@@ -97,7 +97,7 @@ def run_hf_generate(teacher, reqs, batch: int) -> tuple[int, int]:
 def run_serve(teacher, reqs, clients: int) -> tuple[int, int]:
     import openai
 
-    from bayeskd.config import ServeConfig
+    from bayeskd.teachers.config import ServeConfig
     from bayeskd.teachers.server import BackgroundServer
 
     todo = list(reqs)
@@ -179,7 +179,7 @@ def main() -> None:
 
 def measure(console, teacher, reqs, args, n_params: int) -> list[dict]:
     """Every row of the table, one after another in this process; closes `teacher`."""
-    from bayeskd.config import ServeConfig, TeacherConfig
+    from bayeskd.teachers.config import ServeConfig, TeacherConfig
     from bayeskd.teachers.local import LocalTeacher
 
     serve_rows, collect_rows = ServeConfig().max_batch, TeacherConfig().batch_size

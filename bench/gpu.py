@@ -8,7 +8,7 @@ Needs a CUDA device; CI never runs it (the test suite covers the same code on CP
 1. Loss: `objective(logits, labels, target=K-sparse targets, beta=1)` on bf16 logits
    [1, T, 49152] on the GPU, against the same loss computed in float64 with plain autograd:
    relative error of the loss and of the gradient (max |diff| / max |grad|).
-2. Training: `bayeskd.training.train` (the loop every stage uses) on a Llama built from
+2. Training: `bayeskd.train.loop.train` (the loop every stage uses) on a Llama built from
    config with SmolLM2-135M's shape (30 layers, hidden 576, V = 49152, random init: this
    measures the machinery, not a model), for `--steps` optimizer steps on 16 fixed rows
    (memorised, so the loss must fall) in three settings: SFT in bf16, KD (CE + K=32 sparse
@@ -30,10 +30,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from bayeskd.config import TrainConfig  # noqa: E402
-from bayeskd.distributions import SparseDist  # noqa: E402
-from bayeskd.losses import IGNORE_INDEX, make_loss_fn, objective  # noqa: E402
-from bayeskd.training import train  # noqa: E402
+from bayeskd.train.config import TrainConfig  # noqa: E402
+from bayeskd.estimate.distributions import SparseDist  # noqa: E402
+from bayeskd.data import IGNORE_INDEX  # noqa: E402
+from bayeskd.train.losses import make_loss_fn, objective
+from bayeskd.train.loop import train  # noqa: E402
 
 VOCAB = 49152
 K = 32

@@ -117,17 +117,17 @@ class Config:
     """One measured configuration: its settings, prior, writer, generator and timings."""
 
     def __init__(self, mode: str, k: int, evidence: bool, args: argparse.Namespace, table, root: Path | None):
-        from bayeskd import ngram
-        from bayeskd.config import PosteriorConfig
-        from bayeskd.estimate import TARGET_SETS
-        from bayeskd.targets import TargetWriter
+        from bayeskd.estimate.prior import NGramPrior
+        from bayeskd.estimate.config import PosteriorConfig
+        from bayeskd.estimate.update import TARGET_SETS
+        from bayeskd.estimate.targets import TargetWriter
 
         self.mode, self.k, self.evidence = mode, k, evidence
         self.name = f"{mode}-K{k}" + ("-ev" if evidence else "")
         self.cfg = PosteriorConfig(mode=mode, m=float(args.m), top_k=k, batch_size=args.batch_size, seed=args.seed)
         self.cfg.validate("posterior")
         self.k_prior = args.k_prior or k
-        self.prior = ngram.NGramPrior(table, mu=args.mu, order=ORDER)
+        self.prior = NGramPrior(table, mu=args.mu, order=ORDER)
         self.generator = torch.Generator().manual_seed(args.seed)
         self.folder = (root / self.name) if root is not None else Path(tempfile.mkdtemp())
         self.writer = TargetWriter(self.folder, TARGET_SETS, k)
@@ -137,7 +137,7 @@ class Config:
     def process(self, logits: torch.Tensor, labels: torch.Tensor, lo: int, ctx: dict) -> None:
         """The stage's per-document work for one batch (documents lo..lo+B), timed."""
         from bayeskd.data import response_logits, response_positions
-        from bayeskd.estimate import estimate
+        from bayeskd.estimate.update import estimate
 
         contexts, targets, starts, evidence = ctx["contexts"], ctx["targets"], ctx["starts"], ctx["evidence"]
         t0 = time.perf_counter()
@@ -172,11 +172,11 @@ def doc_logits(logits: torch.Tensor, batch: dict) -> list[torch.Tensor]:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from bayeskd import ngram
+    from bayeskd.estimate import ngram
     from bayeskd.data import Collator
-    from bayeskd.estimate import TARGET_SETS
-    from bayeskd.losses import IGNORE_INDEX
-    from bayeskd.targets import TargetStore
+    from bayeskd.estimate.update import TARGET_SETS
+    from bayeskd.data import IGNORE_INDEX
+    from bayeskd.estimate.targets import TargetStore
 
     t_setup = time.perf_counter()
     docs = make_corpus(args)

@@ -1,4 +1,4 @@
-"""Benchmark of the n-gram prior (bayeskd.ngram): build throughput and peak memory, size on
+"""Benchmark of the n-gram prior (bayeskd.estimate.ngram): build throughput and peak memory, size on
 disk, batched query throughput, and nltk.lm side by side on the same 1M-token corpus.
 
     python bench/prior.py [--sizes 1e6 1e7 1e8] [--orders 3 4] [--out bench/out/prior.json]
@@ -91,31 +91,33 @@ def sample_docs(folder: Path, n_docs: int, seed: int = 1) -> list:
 
 
 def child_build(p: dict) -> dict:
-    from bayeskd import ngram
+    from bayeskd.estimate.ngram_build import build
+    from bayeskd.estimate.prior import table_summary
 
     import psutil
 
-    # One interpreter with numpy and bayeskd.ngram loaded: its current RSS (ru_maxrss would not do:
+    # One interpreter with numpy and bayeskd.estimate.ngram loaded: its current RSS (ru_maxrss would not do:
     # Linux carries the parent's high-water mark across fork and exec).
     base_rss = psutil.Process().memory_info().rss
     out = Path(p["out"])
     shutil.rmtree(out, ignore_errors=True)
     t0, c0 = time.perf_counter(), time.process_time()
-    table = ngram.build(iter_docs(Path(p["corpus"])), p["order"], V, out, shard_tokens=p["shard_tokens"],
+    table = build(iter_docs(Path(p["corpus"])), p["order"], V, out, shard_tokens=p["shard_tokens"],
                         num_workers=p["workers"])
     wall = time.perf_counter() - t0
     disk = sum(f.stat().st_size for f in out.iterdir())
     return {"build_s": wall, "main_cpu_s": time.process_time() - c0, "base_rss": base_rss, "disk_bytes": disk,
             "ngrams": [len(o.tok) for o in table.orders], "contexts": [len(o.ctx) for o in table.orders],
-            "summary": ngram.summary(table, MU)}
+            "summary": table_summary(table, MU)}
 
 
 def child_query(p: dict) -> dict:
-    from bayeskd import ngram
+    from bayeskd.estimate import ngram
+    from bayeskd.estimate.prior import NGramPrior
 
     t0 = time.perf_counter()
     table = ngram.NGramTable.load(p["table"])
-    prior = ngram.NGramPrior(table, mu=MU, threads=p["threads"])
+    prior = NGramPrior(table, mu=MU, threads=p["threads"])
     ctx, tgt = ngram.corpus_contexts(sample_docs(Path(p["corpus"]), 4000), table.order, V)
     sel = np.random.default_rng(2).permutation(len(tgt))
     prior.query(ctx[sel[-1:]], TOP_K)  # startup: numba's import and compiled code (from its cache)
@@ -273,10 +275,10 @@ def main() -> None:
         if size == args.sizes[0] and not args.no_nltk and int(size) == 1_000_000:
             report["nltk"] = nltk_side_by_side(console, corpus, args, report["runs"])
         shutil.rmtree(corpus, ignore_errors=True)
-    from bayeskd import ngram
+    from bayeskd.estimate import ngram
 
     threads = ngram._threads(args.threads)  # what the query children use
-    table = Table(title=f"bayeskd.ngram (vocab {V}, K={TOP_K}, mu={MU}, {args.workers} build workers, "
+    table = Table(title=f"bayeskd.estimate.ngram (vocab {V}, K={TOP_K}, mu={MU}, {args.workers} build workers, "
                         f"query batches of {args.batch} in {threads} threads)")
     for h in ("tokens", "n", "build s", "build Mtok/s", "Mtok/cpu-s", "disk MiB", "B/ngram", "peak MiB", "peak/disk",
               "(peak-interps)/disk", "LOO cold kpos/s", "LOO warm kpos/s", "kpos/cpu-s", "plain warm kpos/s",

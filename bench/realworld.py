@@ -6,7 +6,7 @@ students trained to convergence, judged on the teacher's tasks and on the API to
         [--out bench/out/realworld] [key=value ...]
 
 1. **Teacher** (`bench/realworld_teacher.py`): SmolLM2-135M-Instruct fine-tuned privately on the
-   `teacher` split of `bayeskd.suite`, cached under $BAYESKD_CACHE. It is served by `bayeskd serve`
+   `teacher` split of `bayeskd.evaluate.suite`, cached under $BAYESKD_CACHE. It is served by `bayeskd serve`
    in its own process; the method's stages reach it only over HTTP (`teacher.backend: openai`),
    and only `eval` and `oracle-kd` load it, as the oracle (`eval.oracle_model`).
 2. **Prompts**: the suite's `train`, `validation` and `heldout` items (never the teacher's), each
@@ -245,7 +245,7 @@ class Scorer:
 
     def score(self, model_dir: Path) -> dict:
         from bayeskd.models import load_causal_lm, load_tokenizer
-        from bayeskd.suite import grade
+        from bayeskd.evaluate.suite import grade
 
         key = weights_key(model_dir)
         if key not in self.cache:
@@ -494,12 +494,12 @@ def teacher_report(bench: Bench, suite, teacher: Path, info: dict, scorer: Score
 def proxy_kl(bench: Bench, teacher: Path, models: dict[str, Path], positions: int = 1500) -> dict[str, float]:
     import torch
 
-    from bayeskd import metrics as M
+    from bayeskd.evaluate import metrics as M
     from bayeskd.artifacts import Run
     from bayeskd.config import load_config
     from bayeskd.corpus import load_corpus
     from bayeskd.models import load_causal_lm
-    from bayeskd.oracle import teacher_probs
+    from bayeskd.evaluate.oracle import teacher_probs
 
     cfg = load_config(bench.args.config, [*bench.common[2:], f"run_dir={bench.base}"])
     corpus = load_corpus(cfg, Run(bench.base))

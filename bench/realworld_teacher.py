@@ -4,7 +4,7 @@
         [--teacher 160] [--train 200] [--validation 40] [--heldout 100] [--families antonym,category,...]
         [--epochs 1] [--lr 2e-4] [--rows 4] [--max-new-tokens 24] [--threads 2]
 
-Suite: `bayeskd.suite` (short answers, exact match; its docstring says how it is built and split).
+Suite: `bayeskd.evaluate.suite` (short answers, exact match; its docstring says how it is built and split).
 
 Teacher: the embedded public model SmolLM2-135M-Instruct, fully fine-tuned (fp32, CPU) on the
 suite's `teacher` split: the prompt as the user turn of the model's chat template (default
@@ -86,8 +86,8 @@ class Scoring:
 
 
 def build_suite(seed: int = 0, families: Sequence[str] | None = None, **sizes: int):
-    """The suite, as `bayeskd.suite.build_suite`, from a seed and per-split sizes (teacher=..., heldout=...)."""
-    from bayeskd.suite import FAMILIES, SplitSizes, SuiteConfig, build_suite as build
+    """The suite, as `bayeskd.evaluate.suite.build_suite`, from a seed and per-split sizes (teacher=..., heldout=...)."""
+    from bayeskd.evaluate.suite import FAMILIES, SplitSizes, SuiteConfig, build_suite as build
 
     return build(SuiteConfig(seed=seed, families=tuple(families or FAMILIES), sizes=SplitSizes(**sizes)))
 
@@ -147,7 +147,7 @@ def generate(model, tokenizer, prompts: Sequence[str], scoring: Scoring = Scorin
 
 def accuracy(model, tokenizer, items: Sequence, scoring: Scoring = Scoring()) -> dict:
     """Greedy exact-match accuracy, overall and per family, with a few responses per family to read."""
-    from bayeskd.suite import grade
+    from bayeskd.evaluate.suite import grade
 
     responses = generate(model, tokenizer, [it.prompt for it in items], scoring)
     right: dict[str, list[bool]] = defaultdict(list)
@@ -224,11 +224,11 @@ def _make(folder: Path, suite, recipe: Recipe, kind: str, scoring: Scoring, prog
 
 def _finetune(suite, recipe: Recipe, kind: str, work: Path, progress: bool) -> dict:
     """Full fine-tune of the base model on the teacher split (gold or shuffled answers) into work/final."""
-    from bayeskd.config import TrainConfig
+    from bayeskd.train.config import TrainConfig
     from bayeskd.data import Collator, build_dataset, pack
-    from bayeskd.losses import make_loss_fn
+    from bayeskd.train.losses import make_loss_fn
     from bayeskd.models import load_causal_lm, load_tokenizer
-    from bayeskd.training import train
+    from bayeskd.train.loop import train
 
     items = suite.items("teacher")
     answers = format_only_answers(items, recipe.seed) if kind == "format" else None

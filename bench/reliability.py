@@ -48,7 +48,8 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from bayeskd.artifacts import Run  # noqa: E402
-from bayeskd.config import FAULT_KINDS, FaultConfig, ServeConfig, TeacherConfig, load_config  # noqa: E402
+from bayeskd.teachers.config import FAULT_KINDS, FaultConfig, ServeConfig, TeacherConfig  # noqa: E402
+from bayeskd.config import load_config
 from bayeskd.stages.collect import run_collect  # noqa: E402
 from bayeskd.teachers.base import TeacherError, TeacherRequest  # noqa: E402
 import run_safety  # noqa: E402  (bench/run_safety.py, beside this script)

@@ -195,7 +195,7 @@ def fidelity_at(args, size: int, root: Path, overrides: list[str], proxy_from: P
     from bayeskd.artifacts import Run
     from bayeskd.config import load_config
     from bayeskd.corpus import load_corpus
-    from bayeskd.oracle import load_oracle
+    from bayeskd.evaluate.oracle import load_oracle
     from bayeskd.stages.evaluate import score_estimates
 
     path = root / "fidelity.json"

@@ -1,4 +1,4 @@
-"""Benchmark of a training step: SFT against KD on cached sparse targets (bayeskd.losses.objective).
+"""Benchmark of a training step: SFT against KD on cached sparse targets (bayeskd.train.losses.objective).
 
     python bench/train.py [--batch 4] [--seq 256] [--hidden 128] [--reps 7] [--threads N] [--out bench/out/train.json]
 
@@ -45,8 +45,9 @@ def build(args: argparse.Namespace, device: torch.device):
     """(model, optimizer, {config: loss function of logits}) with fixed random data."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from bayeskd.distributions import SparseDist
-    from bayeskd.losses import IGNORE_INDEX, objective
+    from bayeskd.estimate.distributions import SparseDist
+    from bayeskd.data import IGNORE_INDEX
+    from bayeskd.train.losses import objective
 
     torch.manual_seed(0)
     cfg = LlamaConfig(

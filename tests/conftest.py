@@ -51,7 +51,7 @@ def target_set(tmp_path):
     """make(per_record, k, name): numpy SparseDists by corpus record, written to a real target store; returns its set."""
     import numpy as np
 
-    from bayeskd.targets import TargetStore, TargetWriter
+    from bayeskd.estimate.targets import TargetStore, TargetWriter
 
     def make(per_record: dict, k: int, name: str = "posterior"):
         folder = tmp_path / f"targets-{name}"
@@ -104,11 +104,11 @@ from pathlib import Path
 def run(spec):
     from accelerate import PartialState
 
-    from bayeskd.config import TrainConfig
+    from bayeskd.train.config import TrainConfig
     from bayeskd.data import Collator, build_dataset
-    from bayeskd.losses import make_loss_fn
+    from bayeskd.train.losses import make_loss_fn
     from bayeskd.models import load_causal_lm, load_tokenizer
-    from bayeskd.training import train
+    from bayeskd.train.loop import train
 
     tok = load_tokenizer(spec["model"])
     data = build_dataset(json.loads(Path(spec["records"]).read_text()), tok, "chat", 128)

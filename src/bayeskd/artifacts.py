@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from bayeskd.errors import BayeskdError
-from bayeskd.lock import is_main_rank
+from bayeskd.ranks import is_main_rank
 
 MANIFEST = "manifest.json"
 _PACKAGES = ("bayeskd", "torch", "transformers", "accelerate", "datasets", "peft", "openai", "numpy")

@@ -79,7 +79,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     from bayeskd.artifacts import Run, writing
 
     if args.command == "student":
-        from bayeskd.student import build_student
+        from bayeskd.train.student import build_student
 
         summary = build_student(cfg, Run(cfg.run_dir), args.vocab_size, args.hidden_size, args.layers, args.heads, args.force)
         _report("student", Run(cfg.run_dir), summary)

@@ -31,8 +31,15 @@ from datasets import Dataset
 from torch import Tensor
 
 from bayeskd.errors import BayeskdError
-from bayeskd.distributions import SparseDist
-from bayeskd.losses import IGNORE_INDEX, LOSS_TARGETS
+from bayeskd.estimate.distributions import SparseDist
+
+IGNORE_INDEX = -100
+"""Label value that marks a position without a target (prompt, padding)."""
+
+LOSS_TARGETS = ("prior", "target")
+"""The sparse targets a batch may carry (keys `{name}_ids`, `{name}_probs`, `{name}_tail`): `prior`
+for the alpha term, `target` for the beta term (the posterior, or the proxy's or the oracle's
+distribution, as the distill mode says)."""
 
 
 class DataError(ValueError):
@@ -237,7 +244,7 @@ class Collator:
     Batch fields: input_ids [B, T], labels [B, T] (-100 = no target); padded rows add
     attention_mask [B, T] and index [B]; packed rows add position_ids [B, T] (the padding
     tail is one more sequence, positions from 0, so it attends only to itself). With
-    `targets` (name -> TargetSource; names in losses.LOSS_TARGETS) each adds
+    `targets` (name -> TargetSource; names in LOSS_TARGETS) each adds
     `{name}_ids` [B, T, K] (-1 elsewhere), `{name}_probs` [B, T, K], `{name}_tail` [B, T]
     (0 elsewhere), placed exactly at the label positions. With `weights` (one per corpus
     record) it adds `weights`: [B] for padded rows, [B, T] (per token) for packed rows.

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from bayeskd.errors import BayeskdError
+from bayeskd.ranks import launch_id, rank
 
 LOCK_NAME = ".lock"
 
@@ -32,33 +33,13 @@ class RunLockedError(BayeskdError):
     """Another command holds the run folder's lock."""
 
 
-def _launch() -> str | None:
-    """What all ranks of one distributed launch share (None outside one)."""
-    if "RANK" not in os.environ:
-        return None
-    env = os.environ
-    return f"{env.get('MASTER_ADDR', '')}:{env.get('MASTER_PORT', '')}/{env.get('TORCHELASTIC_RUN_ID', '')}"
-
-
-def _rank() -> int:
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
-
-
-def is_main_rank() -> bool:
-    """Rank 0 of a distributed launch (`RANK`, as torchrun and accelerate set it), or no launch at all."""
-    return _rank() == 0
-
-
 def holder_info() -> dict:
     try:
         command = Path("/proc/self/cmdline").read_bytes().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         command = " ".join([sys.executable, *sys.argv])
     return {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "launch": _launch()}
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "launch": launch_id()}
 
 
 def _alive(pid: int) -> bool:
@@ -113,7 +94,7 @@ class RunLock:
         from bayeskd.artifacts import writing
 
         self.root.mkdir(parents=True, exist_ok=True)
-        if _rank() != 0:
+        if rank() != 0:
             self._wait_for_rank0()
             return self
         with writing(self.path):
@@ -138,14 +119,14 @@ class RunLock:
         os.pwrite(self.fd, json.dumps(holder).encode(), 0)
 
     def _wait_for_rank0(self) -> None:
-        mine, deadline = _launch(), time.time() + self.rank_wait_s
+        mine, deadline = launch_id(), time.time() + self.rank_wait_s
         while True:
             holder = _read(self.path, tries=1)
             if holder and holder.get("launch") == mine:  # held, or already released by a rank 0 that skipped
                 return
             if time.time() > deadline:
                 raise RunLockedError(
-                    f"rank {_rank()}: rank 0 of this launch did not take the lock of {self.root} within "
+                    f"rank {rank()}: rank 0 of this launch did not take the lock of {self.root} within "
                     f"{self.rank_wait_s:.0f} s; it is held by {describe(holder)}"
                 )
             time.sleep(0.1)

@@ -12,7 +12,7 @@ import random
 from importlib import resources
 from pathlib import Path
 
-from bayeskd.config import CollectConfig
+from bayeskd.teachers.config import CollectConfig
 from bayeskd.data import SPLITS
 from bayeskd.errors import BayeskdError
 

@@ -9,7 +9,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bayeskd.prompts import load_builtin_prompts  # noqa: E402
-from bayeskd.config import ServeConfig  # noqa: E402
+from bayeskd.teachers.config import ServeConfig  # noqa: E402
 from bayeskd.models import build_tiny  # noqa: E402
 
 

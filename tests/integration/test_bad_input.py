@@ -10,9 +10,9 @@ import pytest
 
 from bayeskd.artifacts import Run
 from bayeskd.cli import main
-from bayeskd.distributions import SparseDist
+from bayeskd.estimate.distributions import SparseDist
 from bayeskd.errors import BayeskdError
-from bayeskd.targets import TargetWriter
+from bayeskd.estimate.targets import TargetWriter
 
 
 def status(run_dir: Path, stage: str) -> str | None:

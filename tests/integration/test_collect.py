@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from bayeskd.cli import main
-from bayeskd.config import ServeConfig, TeacherConfig
+from bayeskd.teachers.config import ServeConfig, TeacherConfig
 from bayeskd.teachers.base import TeacherRequest
 from bayeskd.teachers.openai_compat import OpenAITeacher
 

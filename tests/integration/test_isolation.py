@@ -14,7 +14,8 @@ import shutil
 
 from bayeskd.artifacts import Run
 from bayeskd.cli import main
-from bayeskd.config import ServeConfig, load_config
+from bayeskd.teachers.config import ServeConfig
+from bayeskd.config import load_config
 from bayeskd.corpus import load_corpus
 from bayeskd.teachers.local import LocalTeacher
 from bayeskd.teachers.server import BackgroundServer

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from bayeskd.cli import main
 from bayeskd.models import build_tiny
-from bayeskd.targets import TargetStore
+from bayeskd.estimate.targets import TargetStore
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bayeskd.cli import main
-from bayeskd.config import FaultConfig, ServeConfig, TeacherConfig
+from bayeskd.teachers.config import FaultConfig, ServeConfig, TeacherConfig
 from bayeskd.teachers.base import TeacherRequest
 from bayeskd.teachers.local import LocalTeacher
 from bayeskd.teachers.openai_compat import OpenAITeacher

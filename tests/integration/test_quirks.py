@@ -17,9 +17,11 @@ import pytest
 import yaml
 
 from bayeskd.cli import main
-from bayeskd.config import ConfigError, FaultConfig, ServeConfig, load_config
+from bayeskd.errors import ConfigError
+from bayeskd.teachers.config import FaultConfig, ServeConfig
+from bayeskd.config import load_config
 from bayeskd.models import CHATML_TEMPLATE, load_tokenizer
-from bayeskd.targets import TargetStore
+from bayeskd.estimate.targets import TargetStore
 
 LIMIT = 12
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from bayeskd.cli import main
-from bayeskd.config import FAULT_KINDS, FaultConfig, ServeConfig, TeacherConfig
-from bayeskd.store import ResponseStore
+from bayeskd.teachers.config import FAULT_KINDS, FaultConfig, ServeConfig, TeacherConfig
+from bayeskd.teachers.store import ResponseStore
 from bayeskd.teachers import openai_compat
 from bayeskd.teachers.base import TeacherError, TeacherRequest
 from sigkill import sigkill_loop  # bench/sigkill.py (tests/conftest.py puts bench/ on the path)
@@ -183,7 +183,7 @@ def test_a_server_that_dies_mid_run_stops_collect_naming_it(start_server, tiny_t
 
 def test_sigkill_loses_no_appended_record(tmp_path):
     """Lines reach the OS as they are appended: a kill between fsyncs loses none of them."""
-    code = ("import os, signal, sys; from bayeskd.store import ResponseStore\n"
+    code = ("import os, signal, sys; from bayeskd.teachers.store import ResponseStore\n"
             "s = ResponseStore(sys.argv[1], flush_every=16)\n"
             "[s.append({'key': str(i), 'text': 'paid'}) for i in range(5)]\n"
             "os.kill(os.getpid(), signal.SIGKILL)\n")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from bayeskd.cli import main
-from bayeskd.config import ServeConfig, load_config
+from bayeskd.teachers.config import ServeConfig
+from bayeskd.config import load_config
 from bayeskd.teachers.check import check_teacher
 
 

@@ -10,13 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bayeskd.answers import (
-    answer_type,
-    canonical_number,
-    extract_answer,
-    is_correct,
-    normalize_text,
-)
+from bayeskd.evaluate.answers import answer_type, canonical_number, extract_answer, is_correct, normalize_text
 from bayeskd.prompts import load_builtin_prompts
 
 REPO = Path(__file__).resolve().parents[2]

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from bayeskd import blackbox, ngram
-from bayeskd import distributions as D
-from bayeskd import metrics as M
+from bayeskd.estimate import blackbox, ngram
+from bayeskd.estimate.prior import NGramPrior
+from bayeskd.estimate import distributions as D
+from bayeskd.evaluate import metrics as M
 
 V = 12
 
@@ -41,7 +42,7 @@ def test_the_teachers_samples_rank_estimates_as_the_oracle_kl_does(teacher_logit
 def prior():
     rng = np.random.default_rng(0)
     docs = [(rng.integers(0, V, 3), rng.integers(0, V, 30)) for _ in range(20)]
-    return ngram.NGramPrior(ngram.count(docs, 3, V), mu=2.0), docs
+    return NGramPrior(ngram.count(docs, 3, V), mu=2.0), docs
 
 
 @pytest.mark.parametrize("m", [0.0, 3.0, float("inf")])

@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 
 from bayeskd.cli import main
-from bayeskd.config import Config, ConfigError, dump_yaml, load_config, parse_override
+from bayeskd.config import Config, dump_yaml, load_config, parse_override
+from bayeskd.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 

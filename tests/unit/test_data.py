@@ -18,9 +18,9 @@ from bayeskd.data import (
     split_of,
     tokenize_record,
 )
-from bayeskd.distributions import SparseDist
+from bayeskd.estimate.distributions import SparseDist
 from bayeskd.errors import BayeskdError
-from bayeskd.losses import IGNORE_INDEX
+from bayeskd.data import IGNORE_INDEX
 from bayeskd.models import load_causal_lm, load_tokenizer
 
 
@@ -194,7 +194,8 @@ def test_heldout_split_is_deterministic_and_disjoint_by_prompt(tok, corpus_recor
 
 
 def test_corpus_selection_cuts_training_prompts_and_samples_but_keeps_the_heldout_set():
-    from bayeskd.config import Config, DataConfig
+    from bayeskd.config import Config
+    from bayeskd.train.config import DataConfig
     from bayeskd.data import is_heldout
     from bayeskd.corpus import select_records
 

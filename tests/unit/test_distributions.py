@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bayeskd import distributions as D
+from bayeskd.estimate import distributions as D
 
 
 def rand_dist(rng, n, v):

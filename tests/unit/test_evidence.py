@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from bayeskd.evidence import EvidenceMapper
+from bayeskd.estimate.evidence import EvidenceMapper
 from bayeskd.models import build_tiny
 
 

@@ -7,7 +7,9 @@ import json
 
 import pytest
 
-from bayeskd.config import FAULT_KINDS, ConfigError, FaultConfig, load_config
+from bayeskd.teachers.config import FAULT_KINDS, FaultConfig
+from bayeskd.errors import ConfigError
+from bayeskd.config import load_config
 from bayeskd.teachers.base import TeacherError
 from bayeskd.teachers.faults import VARIANTS, FaultInjector, FaultMiddleware, empty, rewrite, truncate
 from bayeskd.teachers.openai_compat import parse_chat, parse_completion

@@ -1,4 +1,4 @@
-"""bayeskd.losses against references written independently, with explicit probabilities in float64."""
+"""bayeskd.train.losses against references written independently, with explicit probabilities in float64."""
 
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ import torch.nn.functional as F
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from bayeskd.distributions import SparseDist
-from bayeskd.losses import (
+from bayeskd.estimate.distributions import SparseDist
+from bayeskd.train.losses import (
     _MIN_LOG_TAIL,
-    IGNORE_INDEX,
     LossOutput,
     cross_entropy,
     dense_kl,
@@ -27,6 +26,7 @@ from bayeskd.losses import (
     sequence_logprobs,
     sparse_kl,
 )
+from bayeskd.data import IGNORE_INDEX
 
 f64 = torch.float64
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from bayeskd import metrics as M
+from bayeskd.evaluate import metrics as M
 
 
 def test_rouge_l_on_hand_built_cases():

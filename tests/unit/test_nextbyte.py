@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from bayeskd import metrics as M
-from bayeskd import nextbyte
+from bayeskd.evaluate import metrics as M
+from bayeskd.evaluate import nextbyte
 from bayeskd.models import build_tiny
 
 

@@ -1,4 +1,4 @@
-"""bayeskd.ngram against a brute-force reference written with plain dictionaries."""
+"""bayeskd.estimate.ngram against a brute-force reference written with plain dictionaries."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bayeskd import ngram, ngram_kernels
-from bayeskd.ngram import NGramPrior, NGramTable, build, contexts, corpus_contexts, count, link, merge, summary
+from bayeskd.estimate import kernels, ngram, prior
+from bayeskd.estimate.prior import NGramPrior, table_summary
+from bayeskd.estimate.ngram import NGramTable, contexts, corpus_contexts, count, link
+from bayeskd.estimate.ngram_build import build, merge
 
 # ----------------------------------------------------------------------------- reference
 
@@ -77,15 +79,16 @@ def corpora(draw, max_order=4):
 
 @contextmanager
 def knob(name, value):
-    """Temporarily set the module constant ngram.<name> (None: leave it). Lowering _MIN_SLICE
-    splits even tiny batches across the prior's threads; lowering _GROUP splits a batch's
-    contexts into groups (0: one context each)."""
-    old = getattr(ngram, name)
-    setattr(ngram, name, old if value is None else value)
+    """Temporarily set a module constant of the counting (`ngram`) or the queries (`prior`) (None:
+    leave it). Lowering _MIN_SLICE splits even tiny batches across the prior's threads; lowering
+    _GROUP splits a batch's contexts into groups (0: one context each)."""
+    module = prior if hasattr(prior, name) else ngram
+    old = getattr(module, name)
+    setattr(module, name, old if value is None else value)
     try:
         yield
     finally:
-        setattr(ngram, name, old)
+        setattr(module, name, old)
 
 
 def check_batch(batch, refs, K):
@@ -182,7 +185,7 @@ def test_links_point_to_the_suffix_ngram(case, dense_rows, chunk):
 def test_select_finds_the_order_statistic(values, data):
     t = data.draw(st.integers(0, len(values) - 1))
     a = np.array(values + [99.0], np.float64)  # a tail past n stays untouched
-    assert ngram_kernels._select(a, len(values), t) == sorted(values)[t]
+    assert kernels._select(a, len(values), t) == sorted(values)[t]
     assert sorted(a[:-1].tolist()) == sorted(values) and a[-1] == 99.0
 
 
@@ -319,7 +322,7 @@ def test_summary():
     docs = [([1], [2, 3, 2, 3]), ([1], [2, 3])]
     V, mu = 4, 2.0
     table = count(docs, 2, V)
-    s = summary(table, mu)
+    s = table_summary(table, mu)
     # contexts of the 6 positions: 1,2,3,2,1,2 -> N(1)=2, N(2)=3, N(3)=1
     assert s["tokens"] == 6 and s["unique_contexts"] == [1, 3]
     assert s["share_context_seen_more_than_once"] == pytest.approx(5 / 6)

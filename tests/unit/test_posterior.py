@@ -4,14 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from bayeskd import ngram
-from bayeskd.config import PosteriorConfig
-from bayeskd.distributions import SparseDist
+from bayeskd.estimate import ngram
+from bayeskd.estimate.prior import NGramPrior
+from bayeskd.estimate.config import PosteriorConfig
+from bayeskd.estimate.distributions import SparseDist
 from bayeskd.errors import BayeskdError
-from bayeskd.evidence import EvidenceMapper
+from bayeskd.estimate.evidence import EvidenceMapper
 from bayeskd.models import build_tiny
-from bayeskd.estimate import estimate
-from bayeskd.targets import TargetStore, TargetWriter
+from bayeskd.estimate.update import estimate
+from bayeskd.estimate.targets import TargetStore, TargetWriter
 
 V = 12
 
@@ -20,7 +21,7 @@ V = 12
 def prior():
     rng = np.random.default_rng(0)
     docs = [(rng.integers(0, V, 3), rng.integers(0, V, 30)) for _ in range(20)]
-    return ngram.NGramPrior(ngram.count(docs, 3, V), mu=2.0), docs
+    return NGramPrior(ngram.count(docs, 3, V), mu=2.0), docs
 
 
 def dense(d: SparseDist) -> np.ndarray:

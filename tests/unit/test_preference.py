@@ -1,4 +1,4 @@
-"""bayeskd.preference on a real tiny model: which prompts the pairs come from, what each side holds, the reference."""
+"""bayeskd.train.preference on a real tiny model: which prompts the pairs come from, what each side holds, the reference."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import torch
 
 from bayeskd.corpus import TokenizedCorpus
 from bayeskd.data import build_dataset, split_of
-from bayeskd.losses import IGNORE_INDEX, make_dpo_loss_fn
+from bayeskd.data import IGNORE_INDEX
+from bayeskd.train.losses import make_dpo_loss_fn
 from bayeskd.models import load_causal_lm, load_tokenizer, tokenizer_fingerprint
-from bayeskd.preference import PairCollator, build_pairs, score_reference, training_prompts
+from bayeskd.train.preference import PairCollator, build_pairs, score_reference, training_prompts
 
 HELDOUT, VALIDATION = 0.25, 0.25
 

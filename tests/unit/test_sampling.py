@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from bayeskd import blackbox
-from bayeskd import distributions as D
-from bayeskd import metrics as M
-from bayeskd.estimate import evidence_in_target, topk_targets
+from bayeskd.estimate import blackbox
+from bayeskd.estimate import distributions as D
+from bayeskd.evaluate import metrics as M
+from bayeskd.estimate.update import evidence_in_target, topk_targets
 from bayeskd.teachers.decoding import Row, sample, sampling_probs
 
 

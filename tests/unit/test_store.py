@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from bayeskd.config import PriceConfig
-from bayeskd.store import Ledger, ResponseStore
+from bayeskd.teachers.config import PriceConfig
+from bayeskd.teachers.store import Ledger, ResponseStore
 
 
 def rec(key, **extra):

@@ -7,10 +7,10 @@ from collections import defaultdict
 
 import pytest
 
-from bayeskd.answers import is_correct
-from bayeskd.config import CollectConfig
+from bayeskd.evaluate.answers import is_correct
+from bayeskd.teachers.config import CollectConfig
 from bayeskd.prompts import load_prompts
-from bayeskd.suite import (
+from bayeskd.evaluate.suite import (
     SPLITS,
     SplitSizes,
     SuiteConfig,

@@ -1,4 +1,4 @@
-"""bayeskd.training on a tiny real model: learning, exact resume after SIGKILL, batch splits, LoRA, KD batches."""
+"""bayeskd.train.loop on a tiny real model: learning, exact resume after SIGKILL, batch splits, LoRA, KD batches."""
 
 from __future__ import annotations
 
@@ -18,12 +18,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from bayeskd.config import LoraConfig, TrainConfig
+from bayeskd.train.config import LoraConfig, TrainConfig
 from bayeskd.data import Collator, build_dataset, pack
-from bayeskd.distributions import SparseDist
-from bayeskd.losses import IGNORE_INDEX, make_loss_fn
+from bayeskd.estimate.distributions import SparseDist
+from bayeskd.data import IGNORE_INDEX
+from bayeskd.train.losses import make_loss_fn
 from bayeskd.models import load_causal_lm, load_tokenizer
-from bayeskd.training import LOG_NAME, latest_checkpoint, resolve_mixed_precision, train
+from bayeskd.train.loop import LOG_NAME, latest_checkpoint, resolve_mixed_precision, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

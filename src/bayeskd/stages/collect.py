@@ -17,11 +17,12 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from bayeskd.artifacts import Run, fingerprint_file, write_json_atomic, write_jsonl_atomic
-from bayeskd.config import CollectConfig, Config
+from bayeskd.teachers.config import CollectConfig
+from bayeskd.config import Config
 from bayeskd.errors import BayeskdError
 from bayeskd.prompts import load_prompts
-from bayeskd.store import Budget, Ledger, ResponseStore
-from bayeskd.teachers import build_teacher
+from bayeskd.teachers.store import Budget, Ledger, ResponseStore
+from bayeskd.teachers.build import build_teacher
 from bayeskd.teachers.base import Choice, TeacherRequest, TeacherResponse, content_key
 from bayeskd.teachers.cached import Ask, CachedTeacher
 

@@ -34,9 +34,9 @@ from bayeskd.artifacts import Run
 from bayeskd.config import Config
 from bayeskd.corpus import load_corpus
 from bayeskd.errors import BayeskdError
-from bayeskd.losses import make_loss_fn
-from bayeskd.stages.fit import fit, validation_nll
-from bayeskd.targets import TargetStore
+from bayeskd.train.losses import make_loss_fn
+from bayeskd.train.fit import fit, validation_nll
+from bayeskd.estimate.targets import TargetStore
 
 UPPER_BOUND = "oracle-kd is an upper bound: it trains on the true teacher distribution, which a closed API never shows"
 
@@ -56,7 +56,7 @@ def _plan(cfg: Config, run: Run, mode: str, corpus) -> tuple[dict, dict, list[fl
     if mode == "sft":
         return {}, {}, None, {}
     if mode == "oracle-kd":
-        from bayeskd.oracle import oracle_targets
+        from bayeskd.evaluate.oracle import oracle_targets
 
         store = oracle_targets(cfg, run, corpus)
         return {"target": 1.0}, {"target": store.table("oracle")}, None, {"oracle": store.meta["teacher"]}

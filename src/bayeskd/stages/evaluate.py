@@ -31,21 +31,31 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from bayeskd import blackbox
-from bayeskd import distributions as D
-from bayeskd import metrics as M
-from bayeskd import nextbyte, ngram
-from bayeskd.answers import is_correct
+from bayeskd.estimate import blackbox
+from bayeskd.estimate import distributions as D
+from bayeskd.evaluate import metrics as M
+from bayeskd.evaluate import nextbyte
+from bayeskd.estimate import ngram
+from bayeskd.evaluate.answers import is_correct
 from bayeskd.artifacts import Run, write_json_atomic
 from bayeskd.config import Config
 from bayeskd.corpus import TokenizedCorpus, load_corpus
 from bayeskd.errors import BayeskdError
-from bayeskd.estimate import evidence_in_target, evidence_top, load_prior, record_evidence, response_spans, sampling_of, topk_targets, update
-from bayeskd.evidence import EvidenceMapper
+from bayeskd.estimate.update import (
+    evidence_in_target,
+    evidence_top,
+    load_prior,
+    record_evidence,
+    response_spans,
+    sampling_of,
+    topk_targets,
+    update,
+)
+from bayeskd.estimate.evidence import EvidenceMapper
 from bayeskd.models import load_causal_lm, load_tokenizer, tokenizer_fingerprint
-from bayeskd.oracle import teacher_probs
-from bayeskd.stages.proxy import proxy_model
-from bayeskd.report import SFT_PROXY, comparison_table, estimate_names, write_report
+from bayeskd.evaluate.oracle import teacher_probs
+from bayeskd.stages import proxy_model
+from bayeskd.evaluate.report import SFT_PROXY, comparison_table, estimate_names, write_report
 
 
 CROSS_VOCAB = (
@@ -67,7 +77,7 @@ class Oracle:
 def _oracle(cfg: Config, corpus: TokenizedCorpus) -> Oracle | None:
     if not cfg.eval.oracle:
         return None
-    from bayeskd.oracle import load_oracle, oracle_model
+    from bayeskd.evaluate.oracle import load_oracle, oracle_model
 
     try:
         model = load_oracle(cfg, None)

@@ -19,15 +19,24 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from bayeskd import blackbox, ngram
+from bayeskd.estimate import blackbox, ngram
+from bayeskd.estimate.prior import NGramPrior
 from bayeskd.artifacts import Run, fingerprint_file, write_json_atomic
 from bayeskd.config import Config
 from bayeskd.corpus import TokenizedCorpus, load_corpus
-from bayeskd.estimate import TARGET_SETS, estimate, evidence_top, load_prior, record_evidence, sampling_of, topk_targets
-from bayeskd.evidence import EvidenceMapper
+from bayeskd.estimate.update import (
+    TARGET_SETS,
+    estimate,
+    evidence_top,
+    load_prior,
+    record_evidence,
+    sampling_of,
+    topk_targets,
+)
+from bayeskd.estimate.evidence import EvidenceMapper
 from bayeskd.models import check_same_tokenizer, load_causal_lm
-from bayeskd.stages.proxy import proxy_model
-from bayeskd.targets import TargetStore, TargetWriter
+from bayeskd.stages import proxy_model
+from bayeskd.estimate.targets import TargetStore, TargetWriter
 
 
 def run_posterior(cfg: Config, run: Run, force: bool = False) -> dict | None:
@@ -62,7 +71,7 @@ def run_posterior(cfg: Config, run: Run, force: bool = False) -> dict | None:
     return summary
 
 
-def _compute(cfg: Config, corpus: TokenizedCorpus, prior: ngram.NGramPrior, proxy, out, inputs: dict) -> dict:
+def _compute(cfg: Config, corpus: TokenizedCorpus, prior: NGramPrior, proxy, out, inputs: dict) -> dict:
     p = cfg.posterior
     data = corpus.dataset
     vocab = len(corpus.tokenizer)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from bayeskd import ngram
+from bayeskd.estimate import ngram
+from bayeskd.estimate.ngram_build import build
+from bayeskd.estimate.prior import table_summary
 from bayeskd.artifacts import Run
 from bayeskd.config import Config
 from bayeskd.corpus import load_corpus
@@ -30,10 +32,10 @@ def run_prior(cfg: Config, run: Run, force: bool = False) -> dict | None:
         return None
     train = corpus.subset("train")
     vocab = len(corpus.tokenizer)
-    table = ngram.build(
+    table = build(
         corpus.docs(train), p.order, vocab, out / "tables", shard_tokens=p.shard_tokens, num_workers=p.num_workers
     )
-    stats = ngram.summary(table, p.mu)
+    stats = table_summary(table, p.mu)
     summary = {
         "examples": len(train),
         "vocab_size": vocab,

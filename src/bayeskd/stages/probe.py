@@ -47,26 +47,35 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from bayeskd import blackbox, ngram
-from bayeskd import distributions as D
+from bayeskd.estimate import blackbox, ngram
+from bayeskd.estimate.prior import NGramPrior
+from bayeskd.estimate import distributions as D
 from bayeskd.artifacts import Run, write_json_atomic, write_jsonl_atomic
 from bayeskd.config import Config
 from bayeskd.corpus import TokenizedCorpus, load_corpus
 from bayeskd.data import tokenize_record
-from bayeskd.distributions import PAD
+from bayeskd.estimate.distributions import PAD
 from bayeskd.errors import BayeskdError
-from bayeskd.estimate import TARGET_SETS, estimate, evidence_top, load_prior, proxy_strength, response_spans, sampling_of
-from bayeskd.evidence import EvidenceMapper
-from bayeskd.store import Budget, Ledger, ResponseStore
-from bayeskd.targets import TargetStore, TargetWriter
-from bayeskd.teachers import build_teacher
+from bayeskd.estimate.update import (
+    TARGET_SETS,
+    estimate,
+    evidence_top,
+    load_prior,
+    proxy_strength,
+    response_spans,
+    sampling_of,
+)
+from bayeskd.estimate.evidence import EvidenceMapper
+from bayeskd.teachers.store import Budget, Ledger, ResponseStore
+from bayeskd.estimate.targets import TargetStore, TargetWriter
+from bayeskd.teachers.build import build_teacher
 from bayeskd.teachers.base import TeacherRequest, TeacherResponse, content_key
 from bayeskd.teachers.cached import Ask, CachedTeacher
 
@@ -80,7 +89,7 @@ FALLBACK = (
 class Prober:
     """Per-position posterior targets, teacher counts and acquisition scores over a corpus."""
 
-    def __init__(self, cfg: Config, corpus: TokenizedCorpus, prior: ngram.NGramPrior, proxy, targets: TargetStore,
+    def __init__(self, cfg: Config, corpus: TokenizedCorpus, prior: NGramPrior, proxy, targets: TargetStore,
                  teacher_name: str):  # fmt: skip
         self.cfg, self.corpus, self.prior, self.proxy, self.teacher_name = cfg, corpus, prior, proxy, teacher_name
         self.extra = (cfg.teacher.extra_body,) if cfg.teacher.extra_body else ()  # the server's own sampling keys answers too
@@ -413,7 +422,7 @@ def run_probe(cfg: Config, run: Run, force: bool = False) -> dict | None:
     if out is None:
         return None
     from bayeskd.models import load_causal_lm
-    from bayeskd.stages.proxy import proxy_model
+    from bayeskd.stages import proxy_model
 
     cfg = blackbox.effective(cfg, run)  # the posterior's fitted values, when posterior.fit chose them
     prober = Prober(cfg, corpus, load_prior(cfg, run), load_causal_lm(str(proxy_model(cfg, run))), source,

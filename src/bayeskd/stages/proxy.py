@@ -15,26 +15,16 @@ resumes from `proxy/dpo/checkpoints`.
 from __future__ import annotations
 
 from dataclasses import asdict
-from pathlib import Path
 
 from bayeskd.artifacts import Run, fingerprint_file, write_jsonl_atomic
 from bayeskd.config import Config
 from bayeskd.corpus import TokenizedCorpus, load_corpus
 from bayeskd.data import read_corpus
 from bayeskd.errors import BayeskdError
-from bayeskd.losses import make_dpo_loss_fn, make_loss_fn
+from bayeskd.train.losses import make_dpo_loss_fn, make_loss_fn
 from bayeskd.models import check_same_tokenizer, load_causal_lm
-from bayeskd.stages.fit import fit
-
-DPO_STAGE = "proxy/dpo"
-
-
-def proxy_model(cfg: Config, run: Run) -> Path:
-    """The proxy later stages read: the DPO one with `proxy.align: sft+dpo`, else the SFT one."""
-    if cfg.proxy.align == "sft+dpo":
-        return run.output(DPO_STAGE, "final")
-    return run.output("proxy", "final")
-
+from bayeskd.stages import DPO_STAGE
+from bayeskd.train.fit import fit
 
 def run_proxy(cfg: Config, run: Run, force: bool = False) -> dict | None:
     corpus = load_corpus(cfg, run)
@@ -71,7 +61,7 @@ def run_dpo(cfg: Config, run: Run, corpus: TokenizedCorpus, force: bool = False)
     if pairs_path.is_file():  # written whole (renamed into place) by an earlier, interrupted run
         pairs = read_corpus(pairs_path)
     else:
-        from bayeskd.preference import build_pairs, score_reference
+        from bayeskd.train.preference import build_pairs, score_reference
 
         reference = load_causal_lm(str(sft_dir))
         pairs = build_pairs(corpus, reference, d.samples, max_tokens, cfg.data.max_length, d.temperature, d.seed)
@@ -83,8 +73,8 @@ def run_dpo(cfg: Config, run: Run, corpus: TokenizedCorpus, force: bool = False)
         pairs = score_reference(reference, pairs, corpus.tokenizer.pad_token_id, 2 * d.batch_size)
         write_jsonl_atomic(pairs_path, pairs)
         del reference
-    from bayeskd.preference import PairCollator
-    from bayeskd.training import train
+    from bayeskd.train.preference import PairCollator
+    from bayeskd.train.loop import train
 
     result = train(load_causal_lm(str(sft_dir)), pairs, make_dpo_loss_fn(d.beta), train_cfg, out,
                    collate_fn=PairCollator(corpus.tokenizer.pad_token_id), tokenizer=corpus.tokenizer)  # fmt: skip

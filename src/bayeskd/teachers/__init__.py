@@ -1,18 +1,11 @@
-"""Teachers reached as black boxes: `local` (a Hugging Face model here) or `openai` (any compatible endpoint)."""
+"""Teachers reached as black boxes, through text and top-k logprobs only.
 
-from __future__ import annotations
+`base` is the interface (requests, responses, errors), `build` picks the client a config names:
+`local` (a Hugging Face model in this process, with `decoding`'s continuous batching) or
+`openai_compat` (any OpenAI-compatible endpoint). `cached` puts a teacher behind the response
+`store` and a budget; `check` is `bayeskd teacher-check`; `server` is `bayeskd serve`, with the
+`faults` and `quirks` that tests turn on. `config` holds their options.
 
-from bayeskd.config import TeacherConfig
-from bayeskd.teachers.base import Teacher
-
-
-def build_teacher(cfg: TeacherConfig) -> Teacher:
-    if cfg.backend == "local":
-        from bayeskd.teachers.local import LocalTeacher
-
-        return LocalTeacher(cfg.model, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size, name=cfg.key_name)
-    from bayeskd.teachers.openai_compat import OpenAITeacher
-
-    teacher = OpenAITeacher(cfg)
-    teacher.check()
-    return teacher
+May import: the run's plumbing (bayeskd.errors, artifacts, models, prompts). Nothing here imports
+the estimate, training, evaluation or the stages.
+"""

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from bayeskd.store import Budget, ResponseStore
+from bayeskd.teachers.store import Budget, ResponseStore
 from bayeskd.teachers.base import Teacher, TeacherError, TeacherRequest, TeacherResponse, content_key
 
 Job = TypeVar("Job")

@@ -32,7 +32,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from bayeskd.config import FAULT_KINDS, FaultConfig
+from bayeskd.teachers.config import FAULT_KINDS, FaultConfig
 
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
 VARIANTS = 3

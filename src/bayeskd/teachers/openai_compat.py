@@ -22,7 +22,7 @@ from typing import Any
 import jinja2
 import openai
 
-from bayeskd.config import TeacherConfig
+from bayeskd.teachers.config import TeacherConfig
 from bayeskd.errors import BayeskdError
 from bayeskd.models import CHATML_TEMPLATE
 from bayeskd.teachers.base import (

@@ -27,7 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from bayeskd.config import ServeConfig
+from bayeskd.teachers.config import ServeConfig
 from bayeskd.teachers.base import Choice, TeacherError, TeacherRequest, TeacherResponse
 from bayeskd.teachers.local import LocalTeacher
 from bayeskd.teachers.quirks import quirked_request, quirked_response, server_top_k

@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 
 from bayeskd.corpus import TokenizedCorpus
 from bayeskd.data import Collator
-from bayeskd.losses import IGNORE_INDEX, sequence_logprobs
+from bayeskd.data import IGNORE_INDEX
+from bayeskd.train.losses import sequence_logprobs
 from bayeskd.teachers.base import content_key
 from bayeskd.teachers.decoding import Decoder, Row
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from bayeskd.artifacts import writing
-from bayeskd.distributions import SparseDist
+from bayeskd.estimate.distributions import SparseDist
 from bayeskd.errors import BayeskdError
 
 STORE_META = "store.json"

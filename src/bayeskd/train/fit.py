@@ -7,14 +7,15 @@ from pathlib import Path
 
 import torch
 
-from bayeskd import metrics as M
-from bayeskd.config import Config, TrainConfig
+from bayeskd.evaluate import metrics as M
+from bayeskd.config import Config
+from bayeskd.train.config import TrainConfig
 from bayeskd.corpus import TokenizedCorpus
 from bayeskd.data import Collator, TargetSource, pack
 from bayeskd.errors import BayeskdError
-from bayeskd.losses import make_loss_fn
+from bayeskd.train.losses import make_loss_fn
 from bayeskd.models import load_causal_lm
-from bayeskd.training import LossFn, train
+from bayeskd.train.loop import LossFn, train
 
 
 def fit(

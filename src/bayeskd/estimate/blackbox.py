@@ -32,14 +32,15 @@ import itertools
 import numpy as np
 import torch
 
-from bayeskd import distributions as D
-from bayeskd import ngram
+from bayeskd.estimate import distributions as D
+from bayeskd.estimate import ngram
+from bayeskd.estimate.prior import NGramPrior
 from bayeskd.artifacts import Run
 from bayeskd.config import Config
 from bayeskd.corpus import TokenizedCorpus
 from bayeskd.errors import BayeskdError
-from bayeskd.estimate import evidence_in_target, evidence_top, record_evidence, sampling_of
-from bayeskd.evidence import EvidenceMapper
+from bayeskd.estimate.update import evidence_in_target, evidence_top, record_evidence, sampling_of
+from bayeskd.estimate.evidence import EvidenceMapper
 
 FLOOR = 1e-30
 
@@ -144,7 +145,7 @@ def fit(cfg: Config, corpus: TokenizedCorpus, table: ngram.NGramTable, proxy) ->
     safe = np.where(pos.cand >= 0, pos.cand, 0)
     grid = []
     for order, mu in itertools.product(orders, mus):
-        prior = ngram.NGramPrior(table, mu=mu, order=order)
+        prior = NGramPrior(table, mu=mu, order=order)
         prior_c = prior.prob(pos.contexts, safe)
         kappa = prior.query(pos.contexts, 1).kappa
         for tau, m in itertools.product(sorted(pos.proxy), ms):

@@ -12,13 +12,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bayeskd import distributions as D
+from bayeskd.estimate import distributions as D
 from bayeskd.artifacts import Run
 from bayeskd.config import Config
 from bayeskd.corpus import TokenizedCorpus
 from bayeskd.errors import BayeskdError
 from bayeskd.models import check_same_tokenizer, load_causal_lm
-from bayeskd.targets import TargetStore, TargetWriter
+from bayeskd.estimate.targets import TargetStore, TargetWriter
 from bayeskd.teachers.decoding import sampling_probs
 
 

@@ -34,15 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bayeskd.distributions import SparseDist
-
-IGNORE_INDEX = -100
-"""Label value that marks a position without a target (prompt, padding)."""
-
-LOSS_TARGETS = ("prior", "target")
-"""The sparse targets a batch may carry (keys `{name}_ids`, `{name}_probs`, `{name}_tail`): `prior`
-for the alpha term, `target` for the beta term (the posterior, or the proxy's or the oracle's
-distribution, as the distill mode says)."""
+from bayeskd.data import IGNORE_INDEX
+from bayeskd.estimate.distributions import SparseDist
 
 # log(1 - sum q_K) from the K gathered values is cheap but loses digits to cancellation when
 # the student puts almost all its mass on K; below this tail mass the tail is summed exactly

@@ -53,7 +53,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from bayeskd.distributions import PAD
+from bayeskd.estimate.distributions import PAD
 
 FRAGMENT = "\ufffd"
 MAX_STRADDLE = 4

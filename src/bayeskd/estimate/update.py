@@ -19,12 +19,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bayeskd import distributions as D
-from bayeskd import ngram
+from bayeskd.estimate import distributions as D
+from bayeskd.estimate import ngram
+from bayeskd.estimate.prior import NGramPrior
 from bayeskd.artifacts import Run
-from bayeskd.config import Config, PosteriorConfig
+from bayeskd.config import Config
+from bayeskd.estimate.config import PosteriorConfig
 from bayeskd.data import render
-from bayeskd.evidence import EvidenceMapper
+from bayeskd.estimate.evidence import EvidenceMapper
 
 TARGET_SETS = ("prior", "posterior", "proxy", "topk")
 """The sparse target sets a target store holds, per response token (`topk`: the API's own top-k)."""
@@ -57,10 +59,10 @@ def evidence_in_target(
     return ids, D.to_sampling(probs, sampling, power)
 
 
-def load_prior(cfg: Config, run: Run) -> ngram.NGramPrior:
+def load_prior(cfg: Config, run: Run) -> NGramPrior:
     """The prior of a run: its `prior` stage's tables, queried with `prior.*`."""
     table = ngram.NGramTable.load(run.output("prior", "tables"))
-    return ngram.NGramPrior(table, mu=cfg.prior.mu, order=cfg.prior.order, smoothing=cfg.prior.smoothing)
+    return NGramPrior(table, mu=cfg.prior.mu, order=cfg.prior.order, smoothing=cfg.prior.smoothing)
 
 
 def proxy_strength(cfg: PosteriorConfig) -> float:
@@ -146,7 +148,7 @@ def update(
 
 
 def estimate(
-    prior: ngram.NGramPrior,
+    prior: NGramPrior,
     contexts: np.ndarray,
     loo: np.ndarray | None,
     proxy_logits: torch.Tensor,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bayeskd.artifacts import DiskFullError, is_disk_full
-from bayeskd.config import PriceConfig
+from bayeskd.teachers.config import PriceConfig
 
 _SHARD = "records-{:05d}.jsonl"
 

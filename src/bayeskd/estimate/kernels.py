@@ -1,4 +1,4 @@
-"""Compiled loops behind ``bayeskd.ngram.NGramPrior`` queries (numba, nogil, cached on disk).
+"""Compiled loops behind ``bayeskd.estimate.ngram.NGramPrior`` queries (numba, nogil, cached on disk).
 
 Kept apart from ``ngram`` so that counting, merging and linking (and the processes that count)
 never import numba; the first query of a process imports it and compiles these functions, or

@@ -51,8 +51,9 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, get_scheduler
 
 from bayeskd.artifacts import CHECKPOINTS, writing
-from bayeskd.config import LoraConfig, TrainConfig
-from bayeskd.losses import IGNORE_INDEX, LossOutput
+from bayeskd.train.config import LoraConfig, TrainConfig
+from bayeskd.data import IGNORE_INDEX
+from bayeskd.train.losses import LossOutput
 
 LOG_NAME = "train_log.jsonl"
 STATE_NAME = "trainer_state.json"  # written last: its presence marks a checkpoint complete

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from bayeskd.answers import extract_answer, is_correct, normalize_text
+from bayeskd.evaluate.answers import extract_answer, is_correct, normalize_text
 from bayeskd.errors import BayeskdError
 
 SPLITS = ("teacher", "train", "validation", "heldout")
