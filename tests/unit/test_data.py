@@ -11,7 +11,6 @@ import torch
 from bayeskd.corpus import TokenizedCorpus
 from bayeskd.data import (
     Collator,
-    DataError,
     build_dataset,
     is_heldout,
     pack,

@@ -16,16 +16,14 @@ from bayeskd.train.losses import (
     LossOutput,
     cross_entropy,
     dense_kl,
-    dpo_loss,
     generalized_jsd,
-    make_dpo_loss_fn,
     make_loss_fn,
     masked_mean,
     objective,
     reverse_kl,
-    sequence_logprobs,
     sparse_kl,
 )
+from bayeskd.train.preference import dpo_loss, make_dpo_loss_fn, sequence_logprobs
 from bayeskd.data import IGNORE_INDEX
 
 f64 = torch.float64

@@ -10,7 +10,7 @@ import torch
 from bayeskd.corpus import TokenizedCorpus
 from bayeskd.data import build_dataset, split_of
 from bayeskd.data import IGNORE_INDEX
-from bayeskd.train.losses import make_dpo_loss_fn
+from bayeskd.train.preference import make_dpo_loss_fn
 from bayeskd.models import load_causal_lm, load_tokenizer, tokenizer_fingerprint
 from bayeskd.train.preference import PairCollator, build_pairs, score_reference, training_prompts
 

@@ -10,16 +10,8 @@ import pytest
 from bayeskd.evaluate.answers import is_correct
 from bayeskd.teachers.config import CollectConfig
 from bayeskd.prompts import load_prompts
-from bayeskd.evaluate.suite import (
-    SPLITS,
-    SplitSizes,
-    SuiteConfig,
-    SuiteError,
-    build_suite,
-    grade,
-    wordnet_missing,
-    write_jsonl,
-)
+from bayeskd.evaluate.suite import SPLITS, SplitSizes, SuiteConfig, SuiteError, build_suite, grade, write_jsonl
+from bayeskd.evaluate.wordnet import wordnet_missing
 
 SMALL = SplitSizes(teacher=30, train=30, validation=10, heldout=20)
 OFFLINE = ("add", "convert", "parity", "builtin")

@@ -24,7 +24,8 @@ from bayeskd.estimate.distributions import SparseDist
 from bayeskd.data import IGNORE_INDEX
 from bayeskd.train.losses import make_loss_fn
 from bayeskd.models import load_causal_lm, load_tokenizer
-from bayeskd.train.loop import LOG_NAME, latest_checkpoint, resolve_mixed_precision, train
+from bayeskd.train.loop import LOG_NAME, resolve_mixed_precision, train
+from bayeskd.train.checkpoints import latest_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -62,7 +62,6 @@ from bayeskd.config import Config
 from bayeskd.corpus import TokenizedCorpus, load_corpus
 from bayeskd.data import tokenize_record
 from bayeskd.estimate.distributions import PAD
-from bayeskd.errors import BayeskdError
 from bayeskd.estimate.update import (
     TARGET_SETS,
     estimate,
@@ -77,7 +76,8 @@ from bayeskd.teachers.store import Budget, Ledger, ResponseStore
 from bayeskd.estimate.targets import TargetStore, TargetWriter
 from bayeskd.teachers.build import build_teacher
 from bayeskd.teachers.base import TeacherRequest, TeacherResponse, content_key
-from bayeskd.teachers.cached import Ask, CachedTeacher
+from bayeskd.teachers.cached import Ask, CachedTeacher, unanswered
+from bayeskd.teachers.check import same_prompt
 
 FAILURES = "failures.jsonl"
 FALLBACK = (
@@ -375,37 +375,6 @@ def probe(prober: Prober, teacher: CachedTeacher, strategy: str, on_round: Calla
     return {"trace": trace}
 
 
-def unanswered(failures: list[dict], store: ResponseStore) -> list[dict]:
-    """The failed queries that no later round answered, each once (its last failure)."""
-    last = {tuple(f["keys"]): f for f in failures}
-    return [f for keys, f in last.items() if not all(k in store for k in keys)]
-
-
-def same_prompt(cfg: Config, messages: list[dict], teacher: CachedTeacher) -> None:
-    """Refuse, before the first paid query, to continue prefixes through a completions endpoint that
-    renders a prompt otherwise than the chat endpoint collect used: the counts would be of another
-    prompt's continuations. One prompt, both ways, compared by `usage.prompt_tokens` (two short
-    requests, in this run's ledger); a server that cannot answer the comparison is only warned of."""
-    import openai
-
-    from bayeskd.teachers.check import rendering, rendering_mismatch
-    from bayeskd.teachers.openai_compat import OpenAITeacher
-
-    t = teacher.teacher
-    if not isinstance(t, OpenAITeacher) or t.prefix_via != "completions" or cfg.teacher.endpoint != "chat":
-        return
-    try:
-        chat, completion, usage = rendering(t, messages)
-    except (openai.APIError, KeyError, TypeError) as e:
-        print(f"probe: could not compare the chat and completions prompts: {e}", file=sys.stderr)
-        return
-    teacher.budget.ledger.add(cfg.teacher.key_name, content_key(cfg.teacher.key_name, messages, "rendering"),
-                              usage.prompt_tokens, usage.completion_tokens)  # fmt: skip
-    if chat != completion:
-        raise BayeskdError(f"probe: {rendering_mismatch(chat, completion, cfg.teacher.completion_template)}; "
-                           "nothing was queried")  # fmt: skip
-
-
 def run_probe(cfg: Config, run: Run, force: bool = False) -> dict | None:
     p = cfg.probe
     if p.budget_tokens is None:
@@ -436,7 +405,7 @@ def run_probe(cfg: Config, run: Run, force: bool = False) -> dict | None:
         strategy, fallback = "whole", True
     try:
         if strategy != "whole":
-            same_prompt(cfg, prober.record(0)["messages"], teacher)
+            same_prompt(cfg, prober.record(0)["messages"], teacher, "probe")
         result = probe(prober, teacher, strategy)
     finally:
         store.close()

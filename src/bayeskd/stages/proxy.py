@@ -21,7 +21,8 @@ from bayeskd.config import Config
 from bayeskd.corpus import TokenizedCorpus, load_corpus
 from bayeskd.data import read_corpus
 from bayeskd.errors import BayeskdError
-from bayeskd.train.losses import make_dpo_loss_fn, make_loss_fn
+from bayeskd.train.preference import make_dpo_loss_fn
+from bayeskd.train.losses import make_loss_fn
 from bayeskd.models import check_same_tokenizer, load_causal_lm
 from bayeskd.stages import DPO_STAGE
 from bayeskd.train.fit import fit

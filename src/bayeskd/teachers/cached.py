@@ -111,3 +111,9 @@ class CachedTeacher:
 
     def close(self) -> None:
         self.teacher.close()
+
+
+def unanswered(failures: list[dict], store: ResponseStore) -> list[dict]:
+    """The failed queries that no later round answered, each once (its last failure)."""
+    last = {tuple(f["keys"]): f for f in failures}
+    return [f for keys, f in last.items() if not all(k in store for k in keys)]

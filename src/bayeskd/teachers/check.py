@@ -20,19 +20,23 @@ A few cheap requests, one row per property (`check_teacher`):
 
 The requests carry `teacher.extra_body`, as a run's do. A row that would break a run fails it
 (no logprobs where collect asks for them, truncation, a prompt rendered two ways where probe
-will use completions), and the command exits 2.
+will use completions), and the command exits 2. `collect` runs the whole check once before its
+first paid request; `probe` runs the rendering comparison alone (`same_prompt`).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import openai
 
 from bayeskd.config import Config
-from bayeskd.teachers.base import Usage
+from bayeskd.errors import BayeskdError
+from bayeskd.teachers.base import Usage, content_key
+from bayeskd.teachers.cached import CachedTeacher
 from bayeskd.teachers.openai_compat import OpenAITeacher, TeacherUnavailable
 
 TOP = 20
@@ -279,3 +283,22 @@ def print_report(report: Report) -> None:
     console.print(table)
     console.print(f"cost: {report.usage.prompt_tokens} prompt + {report.usage.completion_tokens} completion tokens")
 
+
+def same_prompt(cfg: Config, messages: list[dict], teacher: CachedTeacher, stage: str) -> None:
+    """`probe`: refuse, before the first paid query, to continue prefixes through a completions endpoint that
+    renders a prompt otherwise than the chat endpoint collect used: the counts would be of another
+    prompt's continuations. One prompt, both ways, compared by `usage.prompt_tokens` (two short
+    requests, in this run's ledger); a server that cannot answer the comparison is only warned of."""
+    t = teacher.teacher
+    if not isinstance(t, OpenAITeacher) or t.prefix_via != "completions" or cfg.teacher.endpoint != "chat":
+        return
+    try:
+        chat, completion, usage = rendering(t, messages)
+    except (openai.APIError, KeyError, TypeError) as e:
+        print(f"{stage}: could not compare the chat and completions prompts: {e}", file=sys.stderr)
+        return
+    teacher.budget.ledger.add(cfg.teacher.key_name, content_key(cfg.teacher.key_name, messages, "rendering"),
+                              usage.prompt_tokens, usage.completion_tokens)  # fmt: skip
+    if chat != completion:
+        raise BayeskdError(f"{stage}: {rendering_mismatch(chat, completion, cfg.teacher.completion_template)}; "
+                           "nothing was queried")  # fmt: skip

@@ -19,13 +19,7 @@ permutation seeded by (seed, e), the stream runs on across epochs, and global mi
 takes stream items [g * B * P, (g + 1) * B * P), process p its p-th slice of B. Resuming at
 step s therefore needs no sampler state: the stream restarts at s * grad_accum micro-batches.
 
-Checkpoints (`out_dir/checkpoints/step-XXXXXXXX`) hold accelerate's state (model as
-safetensors; optimizer, scheduler and per-process RNG states loaded with
-torch.load(weights_only=True)) plus `trainer_state.json`, written last. A checkpoint is
-written to a `.tmp-` folder and renamed into place, so a kill during a save leaves at worst a
-`.tmp-` folder, which resume ignores and the next save removes. The final model is a normal
-Hugging Face folder (`out_dir/final`); with LoRA the adapters are merged into it and also kept
-alone in `out_dir/final/adapter`.
+Checkpoints and the final model: `checkpoints.py`.
 """
 
 from __future__ import annotations
@@ -33,7 +27,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -50,13 +43,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, get_scheduler
 
-from bayeskd.artifacts import CHECKPOINTS, writing
+from bayeskd.train.checkpoints import load_latest, replace_dir, save_checkpoint, save_final
 from bayeskd.train.config import LoraConfig, TrainConfig
 from bayeskd.data import IGNORE_INDEX
 from bayeskd.train.losses import LossOutput
 
 LOG_NAME = "train_log.jsonl"
-STATE_NAME = "trainer_state.json"  # written last: its presence marks a checkpoint complete
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 LossFn = Callable[[Tensor, Mapping[str, Tensor]], "LossOutput | tuple[Tensor, Tensor]"]
@@ -79,12 +71,6 @@ def resolve_mixed_precision(setting: str) -> str:
     if setting != "auto":
         return setting
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-
-
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint under out_dir (half-written `.tmp-` folders never count)."""
-    done = [p for p in (Path(out_dir) / CHECKPOINTS).glob("step-*") if (p / STATE_NAME).is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
 # ---------------------------------------------------------------- data order
@@ -245,84 +231,6 @@ def evaluate(
     return {f"eval_{k}": v for k, v in means.items()} | {"eval_tokens": int(n_total)}
 
 
-# ---------------------------------------------------------------- checkpoints
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished folder into place; the rename is atomic, so readers see old or new."""
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-
-
-def _save_checkpoint(accelerator: Accelerator, out: Path, step: int, state: dict, keep: int) -> None:
-    root = out / CHECKPOINTS
-    tmp, final = root / f".tmp-step-{step:08d}", root / f"step-{step:08d}"
-    main = accelerator.is_main_process
-    if main:
-        for stale in root.glob(".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    # A full disk fails the save: the half-written folder goes (its space with it), earlier checkpoints stay.
-    with writing(tmp, remove_on_error=tmp if main else None):
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if main:
-            (tmp / STATE_NAME).write_text(json.dumps({"step": step, **state}))
-            _replace_dir(tmp, final)
-    if main:
-        done = sorted(p for p in root.glob("step-*") if (p / STATE_NAME).is_file())
-        for old in done[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def _resume(accelerator: Accelerator, out: Path) -> tuple[int, dict]:
-    """Load the latest complete checkpoint, if any: (its step, its trainer state)."""
-    ckpt = latest_checkpoint(out)
-    if ckpt is None:
-        return 0, {}
-    accelerator.load_state(str(ckpt))
-    state = json.loads((ckpt / STATE_NAME).read_text())
-    return int(state["step"]), state
-
-
-def _save_final(
-    accelerator: Accelerator, model: Any, out: Path, tokenizer: Any, lora: bool, name: str = "final"
-) -> tuple[Any, Path]:
-    """Save a plain Hugging Face folder out/name (LoRA merged, adapters beside it); returns (model, folder).
-
-    With LoRA the returned model is merged; call it for `final` only, after the last step."""
-    final, tmp = out / name, out / f".tmp-{name}"
-    accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
-    main = accelerator.is_main_process
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if lora:
-            unwrapped.save_pretrained(tmp / "adapter")
-    if lora:
-        unwrapped = unwrapped.merge_and_unload() if name == "final" else _merged_copy(unwrapped)
-        state_dict = unwrapped.state_dict()
-    else:
-        state_dict = accelerator.get_state_dict(model)  # every process: gathers FSDP / ZeRO-3 shards
-    if main:  # one writer: several processes writing the same files would race
-        with writing(tmp, remove_on_error=tmp):
-            unwrapped.save_pretrained(tmp, state_dict=state_dict)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-            _replace_dir(tmp, final)
-    accelerator.wait_for_everyone()
-    return unwrapped.eval(), final
-
-
-def _merged_copy(peft_model: Any) -> Any:
-    """A merged copy of a LoRA model that leaves the one in training untouched (a mid-run save)."""
-    import copy
-
-    return copy.deepcopy(peft_model).merge_and_unload()
-
-
 # ---------------------------------------------------------------- the loop
 
 
@@ -425,7 +333,7 @@ def train(
     schedule = "cosine" if cfg.schedule == "cosine" else "constant_with_warmup"
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    start, state = _resume(accelerator, out) if resume else (0, {})
+    start, state = load_latest(accelerator, out) if resume else (0, {})
     rank, world = accelerator.process_index, accelerator.num_processes
     batches = _micro_batches(train_data, collate_fn, cfg.batch_size, cfg.seed, start * cfg.grad_accum, rank, world)
     log = _Log(out / LOG_NAME, accelerator.is_main_process, start, cfg.max_steps, progress, state.get("elapsed", 0.0))
@@ -451,12 +359,12 @@ def train(
                 record["select_loss"] = value
                 if value < best.get("best_loss", math.inf):
                     best = {"best_loss": value, "best_step": step}
-                    _save_final(accelerator, model, out, tokenizer, cfg.lora.enabled, name="best")
+                    save_final(accelerator, model, out, tokenizer, cfg.lora.enabled, name="best")
                     model.train()  # the save hands back the model in eval mode; training goes on
                 record.update(best)
             last = log.write({"step": step, **record})
         if _due(step, cfg.save_every) or final_step:
-            _save_checkpoint(accelerator, out, step, {"elapsed": log.elapsed(), **best}, cfg.keep_checkpoints)
+            save_checkpoint(accelerator, out, step, {"elapsed": log.elapsed(), **best}, cfg.keep_checkpoints)
             log.restart_window()
     log.close()
     if not last and start >= cfg.max_steps and (out / LOG_NAME).is_file():
@@ -464,13 +372,13 @@ def train(
         lines = (out / LOG_NAME).read_text().splitlines()
         last = json.loads(lines[-1]) if lines else {}
     if not selecting:
-        trained, final = _save_final(accelerator, model, out, tokenizer, cfg.lora.enabled)
+        trained, final = save_final(accelerator, model, out, tokenizer, cfg.lora.enabled)
     else:  # the best-scored model, saved as it came (out/best, LoRA merged), becomes final/
         final = out / "final"
         if accelerator.is_main_process:  # a copy, not a move: a rerun after a kill here finds best/ again
             shutil.rmtree(out / ".tmp-final", ignore_errors=True)  # left by a kill mid-copy
             shutil.copytree(out / "best", out / ".tmp-final")
-            _replace_dir(out / ".tmp-final", final)
+            replace_dir(out / ".tmp-final", final)
         accelerator.wait_for_everyone()
         trained = AutoModelForCausalLM.from_pretrained(final).eval()
         last = {**last, **best}

@@ -23,19 +23,20 @@ No teacher is called: only the proxy generates.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from bayeskd.corpus import TokenizedCorpus
-from bayeskd.data import Collator
-from bayeskd.data import IGNORE_INDEX
-from bayeskd.train.losses import sequence_logprobs
+from bayeskd.data import IGNORE_INDEX, Collator
 from bayeskd.teachers.base import content_key
 from bayeskd.teachers.decoding import Decoder, Row
+from bayeskd.train.losses import LossOutput, _shift, cross_entropy
 
 SAMPLE_ROWS = 64
 """Proxy samples decoded together."""
@@ -148,3 +149,55 @@ def score_reference(model: Any, pairs: list[dict], pad_token_id: int, batch_size
         logps = sequence_logprobs(logits, batch["labels"]).double().tolist()
         out += [{**p, "ref_chosen": logps[k], "ref_rejected": logps[len(chunk) + k]} for k, p in enumerate(chunk)]
     return out
+
+
+# ---------------------------------------------------------------- preference (DPO)
+
+
+def sequence_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
+    """log pi(y | x) per row: the sum of the response tokens' log-probabilities.
+
+    logits [B, T, V] straight from the model; labels [B, T] aligned with input_ids (-100: no
+    target); the causal shift happens here, as in `objective`. Returns [B].
+    """
+    return -cross_entropy(logits, _shift(labels, IGNORE_INDEX)).sum(-1)
+
+
+def dpo_loss(
+    chosen: Tensor, rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, beta: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """DPO (Rafailov et al. 2023) per pair, from sequence log-probabilities, all [P]:
+
+        L = -log sigmoid(beta [(log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))])
+
+    with y_w the preferred (chosen) response and y_l the other. Returns (L [P], the chosen's
+    implicit reward beta (log pi - log pi_ref)(y_w) [P], the rejected's [P]).
+    """
+    r_w = beta * (chosen - ref_chosen.to(chosen.dtype))
+    r_l = beta * (rejected - ref_rejected.to(rejected.dtype))
+    return -F.logsigmoid(r_w - r_l), r_w, r_l
+
+
+def make_dpo_loss_fn(beta: float) -> Callable[[Tensor, Mapping[str, Tensor]], LossOutput]:
+    """The training loop's `loss_fn` for DPO over a batch of `preference.PairCollator`.
+
+    Rows 0..P-1 of the batch are the chosen responses, rows P..2P-1 the rejected ones of the
+    same pairs; `ref_logps` [2P] are the frozen reference's sequence log-probabilities of the
+    same rows. The loss is the SUM over pairs, and `loss_units` tells the loop to count pairs,
+    not tokens. Parts: `dpo`, the rewards' `margin` and `accuracy` (chosen reward above the
+    rejected), `chosen_reward` and `rejected_reward` (whether the teacher's responses became
+    likelier, or only the proxy's own less likely), summed over pairs (the log shows their means).
+    """
+
+    def loss_fn(logits: Tensor, batch: Mapping[str, Tensor]) -> LossOutput:
+        logps = sequence_logprobs(logits, batch["labels"])
+        pairs = logps.shape[0] // 2
+        ref = batch["ref_logps"]
+        loss, r_w, r_l = dpo_loss(logps[:pairs], logps[pairs:], ref[:pairs], ref[pairs:], beta)
+        total = loss.sum()
+        margin = (r_w - r_l).detach()
+        parts = {"dpo": total.detach(), "margin": margin.sum(), "accuracy": (margin > 0).float().sum(),
+                 "chosen_reward": r_w.detach().sum(), "rejected_reward": r_l.detach().sum()}
+        return LossOutput(total, torch.tensor(pairs), parts)
+
+    return loss_fn
