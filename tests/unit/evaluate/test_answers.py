@@ -13,7 +13,7 @@ import pytest
 from bayeskd.evaluate.answers import answer_type, canonical_number, extract_answer, is_correct, normalize_text
 from bayeskd.prompts import load_builtin_prompts
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 GENERATOR = REPO / "scripts" / "make_prompts.py"
 
 
