@@ -1,6 +1,6 @@
 """The closed teacher's weights never reach the method: only `serve`, `eval` and `oracle-kd` read them.
 
-The real-world benchmark's setting (bench/realworld.py) on tiny models: a "closed" teacher served
+The real-world benchmark's setting (bench/studies/realworld.py) on tiny models: a "closed" teacher served
 over HTTP from a folder of its own, a task file with its own splits (`data.split: prompts`). While
 the method's stages run, the teacher's folder does not exist (the server loaded it before it was
 moved away): any stage that tried to read it would fail. It comes back for the evaluator alone.

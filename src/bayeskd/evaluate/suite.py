@@ -1,4 +1,4 @@
-"""A short-answer task suite with gold answers, for the real-world benchmark (`bench/realworld*.py`).
+"""A short-answer task suite with gold answers, for the real-world benchmark (`bench/studies/realworld*.py`).
 
 Every task is a prompt whose answer is one word or one number, graded by exact match
 (`answers.is_correct`, made stricter by `grade` for multiple-choice items). It is built offline,

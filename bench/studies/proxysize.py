@@ -1,14 +1,14 @@
 """Does a stronger proxy make the posterior pay over sparse top-k KD? (issue 18: why `bayes` ties `topk-kd`)
 
-    HF_HUB_OFFLINE=1 python bench/proxysize.py [--config bench/regimes.yaml] [--layers 4 10]
+    HF_HUB_OFFLINE=1 python bench/studies/proxysize.py [--config bench/studies/regimes.yaml] [--layers 4 10]
         [--seeds 0 1 2] [--regime 5] [--out bench/out/proxysize] [key=value ...]
 
 With the API's top-k, the posterior differs from `topk-kd`'s target only in how the mass outside
-the top-k is spread, and that shape comes from the prior and the proxy. In bench/regimes.py the
+the top-k is spread, and that shape comes from the prior and the proxy. In bench/studies/regimes.py the
 proxy (the teacher's first 4 layers) is about as far from the teacher as the 2-layer students
 themselves, so it has little to teach them there. This bench holds everything else fixed (the
 regimes corpus, prior, students, steps, seeds) and varies the proxy's depth (`proxy.train.init_layers`):
-per depth, the proxy (trained as in bench/regimes.yaml), the posterior with the top-k (configured
+per depth, the proxy (trained as in bench/studies/regimes.yaml), the posterior with the top-k (configured
 defaults) and a `bayes` student per seed; `topk-kd` (no proxy) once per seed. The run folders
 share the base's collect and prior (symlinked); finished stages are skipped, so a rerun resumes.
 Writes OUT/proxysize.json and OUT/proxysize.md.
@@ -20,13 +20,13 @@ import argparse
 import json
 import time
 
-from claim import bayeskd, load_bench_config, summarise, write_record  # bench/claim.py, beside this script
-from regimes import link_stages, regime_overrides  # bench/regimes.py
+from common import bayeskd, load_bench_config, summarise, write_record  # bench/studies/common.py
+from common import link_stages, regime_overrides  # bench/studies/common.py
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="bench/regimes.yaml")
+    parser.add_argument("--config", default="bench/studies/regimes.yaml")
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 10], help="proxy depths (teacher layers kept)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--regime", type=int, default=5, help="the API's top-k the method reads")

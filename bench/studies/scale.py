@@ -1,7 +1,7 @@
 """Scale: the estimates' fidelity as the corpus grows from about 20k to 400k+ response tokens,
 and students that do not inherit the teacher's weights (issue 13).
 
-    HF_HUB_OFFLINE=1 python bench/scale.py [--config bench/scale.yaml] [--sizes 20000 100000 400000]
+    HF_HUB_OFFLINE=1 python bench/studies/scale.py [--config bench/studies/scale.yaml] [--sizes 20000 100000 400000]
         [--proxy-steps 60] [--student-steps 50] [--students-at SIZE | --no-students]
         [--frozen-only] [--out bench/out/scale] [key=value ...]
 
@@ -39,8 +39,8 @@ import random
 import time
 from pathlib import Path
 
-from claim import ROOT, bayeskd, load_bench_config, write_record  # bench/claim.py, beside this script
-from regimes import link_stages  # bench/regimes.py
+from common import ROOT, bayeskd, load_bench_config, write_record  # bench/studies/common.py
+from common import link_stages  # bench/studies/common.py
 
 POOL_SEED = 20261202
 WORD_TEMPLATES = [
@@ -240,8 +240,7 @@ INITS = ("pretrained", "scratch")
 
 def students_at(args, root: Path, overrides: list[str]) -> dict:
     """Each regime's posterior, then its students under each initialisation, same steps for all."""
-    from regimes import regime_overrides, variant_dir
-
+    from common import regime_overrides, variant_dir  # bench/studies/common.py
     out: dict = {}
     for r, modes in STUDENTS.items():
         variant = variant_dir(root / "x", r, False)  # root/top{r}-default
@@ -337,7 +336,7 @@ def plot(record: dict, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="bench/scale.yaml")
+    parser.add_argument("--config", default="bench/studies/scale.yaml")
     parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 100_000, 400_000])
     parser.add_argument("--chunk", type=int, default=1500, help="prompts added to the collect per step")
     parser.add_argument("--collect-only", action="store_true", help="stop after the collect")

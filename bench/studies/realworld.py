@@ -1,11 +1,11 @@
 """The real-world case: a closed specialist teacher, a strong open proxy that is not the teacher,
 students trained to convergence, judged on the teacher's tasks and on the API tokens saved.
 
-    HF_HUB_OFFLINE=1 python bench/realworld.py [--size smoke|cpu|gpu] [--seeds 0 1 2]
+    HF_HUB_OFFLINE=1 python bench/studies/realworld.py [--size smoke|cpu|gpu] [--seeds 0 1 2]
         [--regimes 0 5 20] [--phases teacher base students ablation efficiency deep scratch fit]
         [--out bench/out/realworld] [key=value ...]
 
-1. **Teacher** (`bench/realworld_teacher.py`): SmolLM2-135M-Instruct fine-tuned privately on the
+1. **Teacher** (`bench/studies/realworld_teacher.py`): SmolLM2-135M-Instruct fine-tuned privately on the
    `teacher` split of `bayeskd.evaluate.suite`, cached under $BAYESKD_CACHE. It is served by `bayeskd serve`
    in its own process; the method's stages reach it only over HTTP (`teacher.backend: openai`),
    and only `eval` and `oracle-kd` load it, as the oracle (`eval.oracle_model`).
@@ -56,15 +56,15 @@ import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
-from claim import ROOT, bayeskd, load_bench_config, write_record  # bench/claim.py, beside this script
-from regimes import link_stages, regime_overrides  # bench/regimes.py
+from common import ROOT, bayeskd, load_bench_config, write_record  # bench/studies/common.py
+from common import link_stages, regime_overrides  # bench/studies/common.py
 
-import realworld_teacher as rt  # bench/realworld_teacher.py
+import realworld_teacher as rt  # bench/studies/realworld_teacher.py
 
 SHARED = ("collect", "prior", "proxy")
 BASELINES = ("sft", "proxy-kd", "topk-kd")
 SIZES = {
-    # suite: items per family and split, as the teacher is built and cached (bench/realworld_teacher.py's
+    # suite: items per family and split, as the teacher is built and cached (bench/studies/realworld_teacher.py's
     # defaults, so that one fine-tune serves both scripts); use: how many of each split's items per
     # family the distillation reads; n: teacher samples per prompt; epochs: student passes.
     "smoke": {"families": ("add", "parity"), "suite": {"teacher": 48, "train": 16, "validation": 6, "heldout": 10},
@@ -105,7 +105,7 @@ class Used:
 
 
 def recipe(size: dict, seed: int):
-    """The teacher's fine-tune: bench/realworld_teacher.py's recipe (its epochs unless the size says)."""
+    """The teacher's fine-tune: bench/studies/realworld_teacher.py's recipe (its epochs unless the size says)."""
     return rt.Recipe(seed=seed, **({"epochs": size["teacher_epochs"]} if size["teacher_epochs"] else {}))
 
 
@@ -236,7 +236,7 @@ class Scorer:
         self.items = suite.items("heldout")
         self.cache_path = out / "scores.json"
         self.cache = json.loads(self.cache_path.read_text()) if self.cache_path.is_file() else {}
-        self.scoring = rt.Scoring()  # bench/realworld_teacher.py's: 24 tokens, room for the public model's wordy answers
+        self.scoring = rt.Scoring()  # bench/studies/realworld_teacher.py's: 24 tokens, room for the public model's wordy answers
         key = f"teacher:{teacher}"
         if key not in self.cache:
             self.cache[key] = {"responses": rt.generate(load_causal_lm(str(teacher)), load_tokenizer(str(teacher)),
@@ -367,7 +367,7 @@ def tables(record: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="bench/realworld.yaml")
+    parser.add_argument("--config", default="bench/studies/realworld.yaml")
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--regimes", type=int, nargs="+", default=[0, 5, 20])

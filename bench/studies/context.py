@@ -1,9 +1,9 @@
 """Can the posterior earn its keep with more context? Two candidates of issue 18, item 3, measured.
 
-    HF_HUB_OFFLINE=1 python bench/context.py [--config bench/regimes.yaml] [--run runs/regimes/base]
+    HF_HUB_OFFLINE=1 python bench/studies/context.py [--config bench/studies/regimes.yaml] [--run runs/regimes/base]
         [--regimes 0 5 20] [--positions 600] [--out bench/out/context]
 
-On a finished run with a validation split (bench/regimes.yaml's base: collect, prior, proxy):
+On a finished run with a validation split (bench/studies/regimes.yaml's base: collect, prior, proxy):
 
 - **Context-dependent M.** The proxy's weight in the Dirichlet depends on the position:
   log M_t = log M + b (H_P,t - mean H_P) + c (log kappa_t - mean log kappa), with H_P,t the
@@ -29,12 +29,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-from pathlib import Path
 
 import numpy as np
-from claim import open_finished_run  # bench/claim.py, beside this script
+from common import ROOT, open_finished_run  # bench/studies/common.py
 
-ROOT = Path(__file__).resolve().parents[1]
 TAUS = (1.0, 1.25)
 GRID = {
     "mu": (2.0, 8.0, 32.0),
@@ -213,7 +211,7 @@ def fit(val: Split, centre: dict, contextual: bool, siblings_too: bool) -> tuple
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="bench/regimes.yaml")
+    parser.add_argument("--config", default="bench/studies/regimes.yaml")
     parser.add_argument("--run", default="runs/regimes/base")
     parser.add_argument("--regimes", type=int, nargs="+", default=[0, 5, 20])
     parser.add_argument("--positions", type=int, default=600, help="positions per split (validation: fit; held-out: score)")

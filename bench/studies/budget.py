@@ -1,7 +1,7 @@
 """How to spend API tokens on the teacher's evidence: fidelity per token for three ways to spend
 one budget, and the end effect on the `bayes` student (method.md, section 2).
 
-    HF_HUB_OFFLINE=1 python bench/budget.py [--config bench/budget.yaml] [--budget 16000] [--out bench/out/budget]
+    HF_HUB_OFFLINE=1 python bench/studies/budget.py [--config bench/studies/budget.yaml] [--budget 16000] [--out bench/out/budget]
 
 1. `bayeskd collect/prior/proxy/posterior` on the embedded default (SmolLM2-135M-Instruct,
    a local teacher standing in for an API that returns text and no logprobs).
@@ -29,20 +29,15 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from common import ROOT, bayeskd  # bench/studies/common.py
+
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = ("whole", "random", "active")
-
-
-def bayeskd(*args: str) -> None:
-    print("$ bayeskd " + " ".join(args), flush=True)
-    subprocess.run([sys.executable, "-m", "bayeskd.cli", *args], check=True, cwd=ROOT)
 
 
 def oracle_probs(cfg, corpus, prober) -> np.ndarray:
@@ -112,7 +107,7 @@ def student(args, base: Path, strategy: str | None, budget: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="bench/budget.yaml")
+    parser.add_argument("--config", default="bench/studies/budget.yaml")
     parser.add_argument("--budget", type=int, default=16000, help="API tokens per strategy")
     parser.add_argument("--whole-samples", type=int, default=4, help="whole responses per request for `whole`")
     parser.add_argument("--whole-round", type=int, default=8, help="requests per round for `whole`")

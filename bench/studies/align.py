@@ -1,10 +1,10 @@
 """Does preference alignment (`proxy.align: sft+dpo`, Proxy-KD's second step) make the proxy, the
 posterior without logprobs, and the students built on them closer to the teacher?
 
-    HF_HUB_OFFLINE=1 python bench/align.py [--config bench/regimes.yaml] [--seeds 0 1 2]
+    HF_HUB_OFFLINE=1 python bench/studies/align.py [--config bench/studies/regimes.yaml] [--seeds 0 1 2]
         [--out bench/out/align] [key=value ...]
 
-The claim benchmark's corpus (bench/regimes.yaml: the built-in prompts, 2 samples each, the local
+The claim benchmark's corpus (bench/studies/regimes.yaml: the built-in prompts, 2 samples each, the local
 teacher stand-in; the method sees text only here) is collected once in the base run, with its
 prior and both proxies: the SFT proxy (`proxy/final/`) and the DPO one made from it
 (`proxy/dpo/final/`; the DPO settings are DPO below, overridable). Then, for each proxy, in its
@@ -12,7 +12,7 @@ own run folder that links the base's collect, prior and proxy (never rebuilt): t
 without logprobs (`posterior.use_logprobs=false`, the regime where the proxy is the posterior's
 only evidence besides the counts), and per seed (`distill.train.seed`, the data order) the
 `bayes` and `proxy-kd` students, seed by seed for both proxies, the record rewritten after
-each seed (the `sft` student reads no proxy: bench/regimes.py has it on this corpus). Eval's fidelity (oracle KL and black-box NLL on held-out positions) is measured on
+each seed (the `sft` student reads no proxy: bench/studies/regimes.py has it on this corpus). Eval's fidelity (oracle KL and black-box NLL on held-out positions) is measured on
 the first seed of each variant; the DPO variant's eval scores both proxies side by side.
 Finished stages are skipped, so a rerun after a crash resumes. Writes OUT/align.json and
 OUT/align.md.
@@ -25,14 +25,14 @@ import json
 import time
 from pathlib import Path
 
-from claim import STUDENT_FIELDS, bayeskd, load_bench_config, summarise, write_record  # bench/claim.py, beside this script
-from regimes import link_stages  # bench/regimes.py
+from common import STUDENT_FIELDS, bayeskd, load_bench_config, summarise, write_record  # bench/studies/common.py
+from common import link_stages  # bench/studies/common.py
 
 SHARED = ("collect", "prior", "proxy")
 NO_LOGPROBS = ["posterior.use_logprobs=false", "posterior.top_logprobs=0"]
 DPO = ["proxy.dpo.beta=0.1", "proxy.dpo.lr=2e-4", "proxy.dpo.max_steps=30", "proxy.dpo.batch_size=4",
        "proxy.dpo.warmup_steps=3", "proxy.dpo.save_every=10"]  # fmt: skip
-SIZE = ["eval.max_examples=24"]  # with the 40-step students of bench/regimes.yaml: about an hour on a loaded 2-core CPU
+SIZE = ["eval.max_examples=24"]  # with the 40-step students of bench/studies/regimes.yaml: about an hour on a loaded 2-core CPU
 VARIANTS = {"sft": "sft", "dpo": "sft+dpo"}  # run folder -> proxy.align
 FIDELITY = ("prior", "proxy (sft)", "proxy", "posterior-no-logprobs", "one-hot+proxy", "one-hot+posterior")
 
@@ -114,7 +114,7 @@ def tables(record: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="bench/regimes.yaml")
+    parser.add_argument("--config", default="bench/studies/regimes.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="bench/out/align")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides for every run (after DPO's)")

@@ -1,6 +1,6 @@
 """The real-world case's private "closed" teacher: a specialist fine-tune, and what the public model scores.
 
-    HF_HUB_OFFLINE=1 python bench/realworld_teacher.py [--out bench/out/realworld] [--seed 0]
+    HF_HUB_OFFLINE=1 python bench/studies/realworld_teacher.py [--out bench/out/realworld] [--seed 0]
         [--teacher 160] [--train 200] [--validation 40] [--heldout 100] [--families antonym,category,...]
         [--epochs 1] [--lr 2e-4] [--rows 4] [--max-new-tokens 24] [--threads 2]
 

@@ -1,7 +1,7 @@
 """The method's claim, measured: every student and ablation over several seeds, a TRL baseline,
 and the estimates' fidelity as the corpus grows (method.md, section 5).
 
-    HF_HUB_OFFLINE=1 python bench/claim.py [--config bench/claim.yaml] [--seeds 0 1 2] [--out bench/out/claim]
+    HF_HUB_OFFLINE=1 python bench/studies/claim.py [--config bench/studies/claim.yaml] [--seeds 0 1 2] [--out bench/out/claim]
 
 1. `bayeskd serve` puts the embedded teacher (SmolLM2-135M-Instruct) behind an OpenAI-compatible
    API on 127.0.0.1; the pipeline reaches it only over HTTP (text and top-5 logprobs), as it
@@ -25,50 +25,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, STUDENT_FIELDS, bayeskd, load_bench_config, summarise, write_record  # bench/studies/common.py
+
 SHARED_STAGES = ("collect", "prior", "proxy", "posterior", "oracle")
-STUDENT_FIELDS = ("bpb", "kl_teacher", "rouge_l", "accuracy")
-
-
-def load_bench_config(path: str, overrides: list[str]):
-    """A benchmark's config (offline, this checkout's bayeskd) and its base run folder, absolute."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sys.path.insert(0, str(ROOT / "src"))
-    from bayeskd.config import load_config
-
-    cfg = load_config(path, overrides)
-    base = Path(cfg.run_dir)
-    return cfg, base if base.is_absolute() else ROOT / base
-
-
-def open_finished_run(config: str, run_dir: str):
-    """A finished run read in process, for the benches that score estimates at positions: its
-    config (with run_dir), the Run, the tokenized corpus, and the oracle (the local teacher's true
-    distributions, used only to measure fidelity)."""
-    path = ROOT / run_dir
-    cfg, _ = load_bench_config(config, [f"run_dir={path}"])
-    from bayeskd.artifacts import Run
-    from bayeskd.corpus import load_corpus
-    from bayeskd.evaluate.oracle import load_oracle
-
-    run = Run(path)
-    corpus = load_corpus(cfg, run)
-    return cfg, run, corpus, load_oracle(cfg, corpus.tokenizer_fp)
-
-
-def bayeskd(*args: str) -> None:
-    cmd = [sys.executable, "-m", "bayeskd.cli", *args]
-    print("$ bayeskd " + " ".join(args), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
 
 
 class Server:
@@ -208,25 +174,6 @@ def scaling(args, cfg, base: Path, first: int, overrides: list[str]) -> list[dic
     return results
 
 
-def summarise(per_seed: dict[int, dict], fields: tuple[str, ...] = STUDENT_FIELDS) -> dict:
-    """mean, sample std, min, max over seeds of each student's `fields`."""
-    out: dict = {}
-    students = sorted({m for s in per_seed.values() for m in s}, key=_student_order)
-    for mode in students:
-        out[mode] = {"seeds": sorted(s for s in per_seed if mode in per_seed[s])}
-        for f in fields:
-            vals = [per_seed[s][mode][f] for s in per_seed if mode in per_seed[s] and per_seed[s][mode].get(f) is not None]
-            if vals:
-                out[mode][f] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-                                "min": min(vals), "max": max(vals), "values": vals}  # fmt: skip
-    return out
-
-
-def _student_order(mode: str) -> int:
-    order = ["sft", "sft-trl", "proxy-kd", "prior-only", "posterior-only", "bayes", "oracle-kd"]
-    return order.index(mode) if mode in order else len(order)
-
-
 def tables(record: dict) -> str:
     from bayeskd.evaluate.report import ESTIMATES
 
@@ -297,18 +244,9 @@ def plots(record: dict, out: Path) -> None:
     plt.close(fig)
 
 
-def write_record(out_arg: str, name: str, record: dict, md: str) -> Path:
-    """OUT/name.json and OUT/name.md; returns OUT (relative paths are under the repository root)."""
-    out = ROOT / out_arg if not Path(out_arg).is_absolute() else Path(out_arg)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(record, indent=2, default=str))
-    (out / f"{name}.md").write_text(md)
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="bench/claim.yaml")
+    parser.add_argument("--config", default="bench/studies/claim.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--port", type=int, default=8765, help="serve's port (part of nothing that is stored)")
     parser.add_argument("--out", default="bench/out/claim")

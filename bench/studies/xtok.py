@@ -1,11 +1,11 @@
 """Distillation into a student whose tokenizer is not the teacher's (issue 14), on the claim
 benchmark's corpus: does the Bayesian estimate still beat what a user would pick instead?
 
-    HF_HUB_OFFLINE=1 python bench/xtok.py [--config bench/xtok.yaml] [--seeds 0 1 2] [--out bench/out/xtok]
+    HF_HUB_OFFLINE=1 python bench/studies/xtok.py [--config bench/studies/xtok.yaml] [--seeds 0 1 2] [--out bench/out/xtok]
         [key=value ...]
 
 1. `collect`: the embedded teacher (SmolLM2-135M-Instruct, a 49k-token BPE) answers the first
-   160 built-in prompts twice, 48 tokens, with its top-20 logprobs (bench/regimes.yaml's corpus
+   160 built-in prompts twice, 48 tokens, with its top-20 logprobs (bench/studies/regimes.yaml's corpus
    settings; `collect.limit=null` asks all 323).
 2. `bayeskd student`: a 4096-token byte-level BPE trained on the training split's text and a
    fresh 4-layer Llama on it (the proxy; the students keep 2 of its layers). Nothing starts from
@@ -28,9 +28,8 @@ import json
 import time
 from pathlib import Path
 
-from claim import ROOT, bayeskd, load_bench_config, summarise, write_record  # bench/claim.py, beside this script
-from regimes import link_stages
-
+from common import ROOT, bayeskd, load_bench_config, summarise, write_record  # bench/studies/common.py
+from common import link_stages  # bench/studies/common.py
 SHARED = ("collect", "prior", "proxy", "posterior")
 MODES = ("sft", "topk-kd", "bayes")
 FIELDS = ("bpb", "kl_teacher_byte", "rouge_l", "accuracy")
@@ -75,7 +74,7 @@ def tables(record: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="bench/xtok.yaml")
+    parser.add_argument("--config", default="bench/studies/xtok.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="bench/out/xtok")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides for every run")

@@ -1,6 +1,6 @@
 """The claim in three API regimes: does the Bayesian estimate beat what a user would pick instead?
 
-    HF_HUB_OFFLINE=1 python bench/regimes.py [--config bench/regimes.yaml] [--seeds 0 1 2]
+    HF_HUB_OFFLINE=1 python bench/studies/regimes.py [--config bench/studies/regimes.yaml] [--seeds 0 1 2]
         [--regimes 0 5 20] [--out bench/out/claim] [key=value ...]
 
 One corpus (the teacher's top-20 logprobs, collected once) and one proxy serve every regime. A
@@ -28,27 +28,20 @@ import json
 import time
 from pathlib import Path
 
-from claim import STUDENT_FIELDS, bayeskd, load_bench_config, summarise, write_record  # bench/claim.py, beside this script
+from common import (  # bench/studies/common.py
+    STUDENT_FIELDS,
+    bayeskd,
+    link_stages,
+    load_bench_config,
+    regime_overrides,
+    summarise,
+    variant_dir,
+    write_record,
+)
 
 SHARED = ("collect", "prior", "proxy")
 FIDELITY = ("prior", "proxy", "posterior-no-logprobs", "posterior", "top-k alone", "posterior (top-k only)",
             "top-k alone (top-k only)", "one-hot+proxy", "one-hot+posterior")
-
-
-def link_stages(src: Path, dst: Path, stages: tuple[str, ...]) -> None:
-    """dst/stage -> src/stage for finished stages that dst does not have (read, never rewritten)."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for stage in stages:
-        if not (dst / stage).exists():
-            (dst / stage).symlink_to((src / stage).resolve(), target_is_directory=True)
-
-
-def regime_overrides(r: int) -> list[str]:
-    return ["posterior.use_logprobs=false", "posterior.top_logprobs=0"] if r == 0 else [f"posterior.top_logprobs={r}"]
-
-
-def variant_dir(base: Path, r: int, fit: bool) -> Path:
-    return base.parent / f"top{r}-{'fit' if fit else 'default'}"
 
 
 def students_of(r: int, fit: bool, shared_here: bool) -> list[str]:
@@ -171,7 +164,7 @@ def plot(record: dict, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="bench/regimes.yaml")
+    parser.add_argument("--config", default="bench/studies/regimes.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--regimes", type=int, nargs="+", default=[0, 5, 20])
     parser.add_argument("--variants", nargs="+", choices=["default", "fit"], default=["default", "fit"],

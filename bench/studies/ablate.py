@@ -1,7 +1,7 @@
 """Which prior and posterior settings estimate the teacher best: the fidelity of the posterior
 over a grid of n-gram order, mu and M, on a finished run (method.md, sections 1-2 and 5).
 
-    HF_HUB_OFFLINE=1 python bench/ablate.py --config bench/claim.yaml --run runs/claim/seed0 [--positions 800]
+    HF_HUB_OFFLINE=1 python bench/studies/ablate.py --config bench/studies/claim.yaml --run runs/claim/seed0 [--positions 800]
 
 For up to --positions response positions in each setting (`train`: training prompts, the
 prior's counts with the scored sequence left out when prior.leave_one_out, and also left in;
@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import numpy as np
-from claim import open_finished_run  # bench/claim.py, beside this script
+from common import ROOT, open_finished_run  # bench/studies/common.py
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def gather(cfg, run, corpus, teacher, proxy, heldout: bool, limit: int):
@@ -66,7 +64,7 @@ def gather(cfg, run, corpus, teacher, proxy, heldout: bool, limit: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="bench/claim.yaml")
+    parser.add_argument("--config", default="bench/studies/claim.yaml")
     parser.add_argument("--run", default="runs/claim/seed0")
     parser.add_argument("--positions", type=int, default=800)
     parser.add_argument("--orders", type=int, nargs="+", default=[2, 3])
