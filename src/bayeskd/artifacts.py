@@ -146,7 +146,7 @@ def sha256_file(path: Path) -> str:
 
 
 CHECKPOINTS = "checkpoints"
-"""Training's resume state (`training.py`): model, optimizer and data order at a step. Not an
+"""Training's resume state (`train/checkpoints.py`): model, optimizer and data order at a step. Not an
 output: a finished stage's manifest does not list it, and `Run.finish` removes it."""
 
 

@@ -5,7 +5,7 @@
 saves a randomly initialised Llama on it at `distill.train.model` (`models.build_tiny`). The
 proxy and the student both start from that folder (the student with `distill.train.init_layers`
 of its layers), so that prior, proxy, posterior and targets all live in the student's token
-space, while the teacher's logprobs arrive as strings in its own (`evidence.py` maps them).
+space, while the teacher's logprobs arrive as strings in its own (`estimate/evidence.py` maps them).
 """
 
 from __future__ import annotations
