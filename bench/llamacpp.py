@@ -30,7 +30,6 @@ import re
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,7 +38,7 @@ from bayeskd.cli import main as bayeskd  # noqa: E402
 from bayeskd.config import load_config  # noqa: E402
 from bayeskd.models import CHATML_TEMPLATE, cache_root, embedded_gguf  # noqa: E402
 from bayeskd.teachers.check import check_teacher  # noqa: E402
-from bayeskd.teachers.server import free_port  # noqa: E402
+from bayeskd.teachers.server import ServerProcess, free_port  # noqa: E402
 
 VERSION = "0.3.36"
 CMAKE_ARGS = "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF"
@@ -64,42 +63,19 @@ def venv_python() -> Path:
     return python
 
 
-class LlamaServer:
+class LlamaServer(ServerProcess):
     """`python -m llama_cpp.server` on a free loopback port; its log (one access line per request) kept."""
 
     def __init__(self, python: Path, gguf: Path, log: Path):
         self.port = free_port("127.0.0.1")
-        self.log = log
-        self.cmd = [str(python), "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "smollm2",
-                    "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", "2048", "--chat_format", "chatml"]  # fmt: skip
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def __enter__(self) -> LlamaServer:
-        self.out = self.log.open("w")
-        self.proc = subprocess.Popen(self.cmd, stdout=self.out, stderr=subprocess.STDOUT)
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama_cpp.server exited with {self.proc.returncode}; see {self.log}")
-            try:
-                urllib.request.urlopen(f"{self.base_url}/models", timeout=2)
-                return self
-            except OSError:
-                time.sleep(1)
-        raise RuntimeError(f"llama_cpp.server did not answer within 180 s; see {self.log}")
-
-    def __exit__(self, *exc) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
-        self.out.close()
+        cmd = [str(python), "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "smollm2",
+               "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", "2048", "--chat_format", "chatml"]  # fmt: skip
+        super().__init__(cmd, f"http://127.0.0.1:{self.port}/v1", log=str(log), timeout_s=180)
 
     def generations(self) -> dict[str, int]:
         """Generation requests answered 200, per endpoint, from the server's access log."""
         counts = {"chat": 0, "completions": 0, "other status": 0}
-        for line in self.log.read_text(errors="replace").splitlines():
+        for line in Path(self.log).read_text(errors="replace").splitlines():
             m = re.search(r'"POST /v1/(chat/completions|completions) HTTP/1\.1" (\d+)', line)
             if m:
                 key = "chat" if m.group(1).startswith("chat") else "completions"

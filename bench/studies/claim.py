@@ -26,10 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 from common import ROOT, STUDENT_FIELDS, bayeskd, load_bench_config, summarise, write_record  # bench/studies/common.py
@@ -37,29 +35,13 @@ from common import ROOT, STUDENT_FIELDS, bayeskd, load_bench_config, summarise, 
 SHARED_STAGES = ("collect", "prior", "proxy", "posterior", "oracle")
 
 
-class Server:
-    """`bayeskd serve` in a child process, for as long as the `with` block lasts."""
+def server(model: str, port: int):
+    """`bayeskd serve` of `model` in a child process, for as long as the `with` block lasts."""
+    from bayeskd.teachers.server import ServerProcess
 
-    def __init__(self, model: str, port: int):
-        self.model, self.port, self.proc = model, port, None
-
-    def __enter__(self) -> Server:
-        cmd = [sys.executable, "-m", "bayeskd.cli", "serve", "teacher.backend=local", f"teacher.model={self.model}",
-               f"serve.port={self.port}", "serve.max_batch=16"]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, cwd=ROOT)
-        for _ in range(600):
-            if self.proc.poll() is not None:
-                raise SystemExit(f"bayeskd serve exited with {self.proc.returncode}")
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v1/models", timeout=2)
-                return self
-            except OSError:
-                time.sleep(1)
-        raise SystemExit("bayeskd serve did not answer within 10 minutes")
-
-    def __exit__(self, *exc) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=60)
+    cmd = [sys.executable, "-m", "bayeskd.cli", "serve", "teacher.backend=local", f"teacher.model={model}",
+           f"serve.port={port}", "serve.max_batch=16"]  # fmt: skip
+    return ServerProcess(cmd, f"http://127.0.0.1:{port}/v1", cwd=str(ROOT))
 
 
 def seed_dir(base: Path, seed: int) -> Path:
@@ -259,7 +241,7 @@ def main() -> None:
 
     first = args.seeds[0]
     started = time.perf_counter()
-    with Server(cfg.eval.oracle_model or cfg.teacher.model, args.port):
+    with server(cfg.eval.oracle_model or cfg.teacher.model, args.port):
         run_seed(args, base, first, first, overrides)  # collect happens here, over HTTP
     for seed in args.seeds[1:]:
         run_seed(args, base, seed, first, overrides)

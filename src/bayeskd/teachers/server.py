@@ -363,3 +363,39 @@ class BackgroundServer:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+class ServerProcess:
+    """An OpenAI-compatible server in a child process (`bayeskd serve`, llama.cpp's, ...), for as long
+    as the `with` block lasts: started by `cmd`, ready once `base_url`/models answers."""
+
+    def __init__(self, cmd: list[str], base_url: str, cwd: str | None = None, log: str | None = None, timeout_s: float = 600):
+        self.cmd, self.base_url, self.cwd, self.log, self.timeout_s = cmd, base_url, cwd, log, timeout_s
+
+    def __enter__(self) -> ServerProcess:
+        import subprocess
+        import urllib.request
+
+        self.out = open(self.log, "w") if self.log else None
+        self.proc = subprocess.Popen(self.cmd, cwd=self.cwd, stdout=self.out, stderr=subprocess.STDOUT if self.out else None)
+        deadline, where = time.time() + self.timeout_s, f"; see {self.log}" if self.log else ""
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                self._close()
+                raise RuntimeError(f"{self.cmd[:4]} exited with {self.proc.returncode}{where}")
+            try:
+                urllib.request.urlopen(f"{self.base_url}/models", timeout=2)
+                return self
+            except OSError:
+                time.sleep(1)
+        self.__exit__()
+        raise RuntimeError(f"{self.cmd[:4]} did not answer at {self.base_url} within {self.timeout_s:g} s{where}")
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+        self._close()
+
+    def _close(self) -> None:
+        if self.out:
+            self.out.close()
