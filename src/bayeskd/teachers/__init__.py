@@ -6,6 +6,6 @@
 `store` and a budget; `check` is `bayeskd teacher-check`; `server` is `bayeskd serve`, with the
 `faults` and `quirks` that tests turn on. `config` holds their options.
 
-May import: the run's plumbing (bayeskd.errors, artifacts, models, prompts). Nothing here imports
+May import: the run's plumbing (bayeskd.errors, config, artifacts, models). Nothing here imports
 the estimate, training, evaluation or the stages.
 """

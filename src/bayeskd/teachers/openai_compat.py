@@ -207,9 +207,9 @@ class OpenAITeacher(Teacher):
         except openai.APIConnectionError as e:
             # No connection made (refused, unknown host), as against one dropped or reset: httpx's
             # ConnectError (the SDK may bring its own copy of httpx, so it is matched by name).
-            refused = type(e.__cause__).__name__ == "ConnectError"
-            with self._lock:
-                self._refused = self._refused + 1 if refused else self._refused
+            if type(e.__cause__).__name__ == "ConnectError":
+                with self._lock:
+                    self._refused += 1
             raise TeacherError(f"cannot reach {self.cfg.base_url or 'the OpenAI API'}: {e}", retryable=True) from None
         except TeacherError:
             self._answered()

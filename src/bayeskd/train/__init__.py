@@ -6,5 +6,6 @@ the proxy's preference pairs (`preference`) and the cross-tokenizer student (`st
 
 May import: the run's plumbing (bayeskd.errors, config, artifacts, data, corpus, models),
 `estimate.distributions` (the targets' type), `evaluate.metrics` (the validation NLL), and
-`teachers.decoding` (the proxy samples its own responses for DPO pairs). Never the stages.
+`teachers.decoding` and `teachers.base` (the proxy samples its own responses for DPO pairs, keyed
+as the teacher's are). Never the stages.
 """
