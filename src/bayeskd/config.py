@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from bayeskd.errors import ConfigError
+from bayeskd.errors import ConfigError, check
 from bayeskd.estimate.config import PosteriorConfig, PriorConfig, ProbeConfig
 from bayeskd.evaluate.config import EvalConfig
 from bayeskd.teachers.config import CollectConfig, ServeConfig, TeacherConfig
@@ -61,6 +61,10 @@ class Config:
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
                 value.validate(f.name)
+        t = self.teacher
+        check(self.collect.mode == "online" or (t.backend == "openai" and t.endpoint == "chat"), "collect.mode",
+              self.collect.mode, "a Batch API is reached through an OpenAI-compatible endpoint: needs teacher.backend=openai "
+              f"and teacher.endpoint=chat (here {t.backend}, {t.endpoint})")  # fmt: skip
         return self
 
 

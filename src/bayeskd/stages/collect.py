@@ -67,8 +67,9 @@ def stage_config(cfg: Config) -> dict:
     if t.extra_body:  # only when set, so that runs from before the option keep their fingerprint
         teacher["extra_body"] = t.extra_body
     collect = asdict(cfg.collect)
-    collect.pop("flush_every")
-    collect.pop("teacher_check")
+    for how in ("flush_every", "teacher_check", "mode", "batch_poll_s", "batch_poll_max_s", "batch_window"):
+        collect.pop(how)  # how the answers are fetched, not which: an online corpus stays done in batch mode
+    collect["price"].pop("batch_discount")  # added later: runs from before it keep their fingerprint
     return {"teacher": teacher, "collect": collect, "seed": cfg.seed}
 
 

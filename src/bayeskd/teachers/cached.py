@@ -63,7 +63,7 @@ class CachedTeacher:
             elif all(k in self.store for k in ask.keys):
                 records = [self.store.get(k) for k in ask.keys]
                 u = records[0]["usage"]  # the records of one call share its usage
-                if not self.budget.admit(u["prompt_tokens"] + u["completion_tokens"]):
+                if not self.budget.admit(u["prompt_tokens"] + u["completion_tokens"], batch=bool(records[0].get("batch"))):
                     return
                 for record in records:
                     self.budget.ledger.add_record(record)
@@ -93,20 +93,25 @@ class CachedTeacher:
             for job in waiting:
                 yield job, records
 
-    def _failed(self, ask: Ask, error: TeacherError) -> None:
+    def _failed(self, ask: Ask, error: TeacherError, batch: str | None = None) -> None:
+        """`batch`: the id of the Batch API batch the request failed in (its cost is discounted)."""
         usage = {"prompt_tokens": error.usage.prompt_tokens, "completion_tokens": error.usage.completion_tokens}
-        self.failures.append({**ask.about, "keys": list(ask.keys), "reason": str(error), "status": error.status, "usage": usage})
+        self.failures.append({**ask.about, "keys": list(ask.keys), "reason": str(error), "status": error.status, "usage": usage,
+                              **({"batch": batch} if batch else {})})  # fmt: skip
         if error.usage.total:
-            call = content_key(ask.keys[0], "failed", len(self.failures))
-            self.budget.ledger.add(self.name, call, usage["prompt_tokens"], usage["completion_tokens"])
+            call = content_key(ask.keys[0], "failed", len(self.failures), *((batch,) if batch else ()))
+            self.budget.ledger.add(self.name, call, usage["prompt_tokens"], usage["completion_tokens"], batch=bool(batch))
 
-    def _keep(self, ask: Ask, bodies: list[dict], response: TeacherResponse) -> list[dict]:
+    def _keep(self, ask: Ask, bodies: list[dict], response: TeacherResponse, batch: str | None = None) -> list[dict]:
+        """`batch`: the id of the Batch API batch that answered; the records carry it (the ledger prices them by it)."""
         call = content_key(ask.keys[0], "call")
         usage = {"prompt_tokens": response.usage.prompt_tokens, "completion_tokens": response.usage.completion_tokens}
-        records = [{"key": key, **body, "usage": usage, "call": call, "teacher": self.name} for key, body in zip(ask.keys, bodies)]
+        via = {"batch": batch} if batch else {}
+        records = [{"key": key, **body, "usage": usage, "call": call, "teacher": self.name, **via}
+                   for key, body in zip(ask.keys, bodies)]  # fmt: skip
         for record in records:
             self.store.append(record)
-        self.budget.ledger.add(self.name, call, usage["prompt_tokens"], usage["completion_tokens"])
+        self.budget.ledger.add(self.name, call, usage["prompt_tokens"], usage["completion_tokens"], batch=bool(batch))
         return records
 
     def close(self) -> None:

@@ -111,10 +111,15 @@ class PriceConfig:
 
     prompt_per_1k: float = 0.0
     completion_per_1k: float = 0.0
+    batch_discount: float = 0.5
+    """The share of the online price that a token costs when it is collected through a Batch API
+    (`collect.mode: batch`): 0.5 is OpenAI's half price for batches. Applies to the ledger's cost
+    and to `collect.budget_cost`; token counts and `budget_tokens` are not discounted."""
 
     def validate(self, path: str) -> None:
         check(self.prompt_per_1k >= 0, f"{path}.prompt_per_1k", self.prompt_per_1k, "must be >= 0")
         check(self.completion_per_1k >= 0, f"{path}.completion_per_1k", self.completion_per_1k, "must be >= 0")
+        check(0 <= self.batch_discount <= 1, f"{path}.batch_discount", self.batch_discount, "must be in [0, 1]")
 
 
 @dataclass
@@ -154,6 +159,20 @@ class CollectConfig:
     requests: 22 and 781 tokens against llama.cpp serving SmolLM2; counted in the ledger). A row that would break
     the run (no logprobs where they are asked for, server-side truncation of the sampling, ...)
     stops the stage before it pays for anything; the table is kept in `collect/teacher_check.json`."""
+    mode: Literal["online", "batch"] = "online"
+    """`online`: one request per prompt, answers as they come. `batch` (teacher.backend openai,
+    endpoint chat): every missing sample becomes one line of an OpenAI Batch JSONL file
+    (`collect/batch-input.jsonl`, custom_id = the sample's store key, n = 1 with the sample's
+    seed), uploaded through `/v1/files` and run by `/v1/batches`; the answers are stored as online
+    ones are, priced with `price.batch_discount`. The batch id is kept in `collect/batch.json`
+    before the first poll: a rerun after a kill picks up the same batch and never submits twice;
+    a rerun after a partly failed batch submits a new one of the missing samples only."""
+    batch_poll_s: float = 5.0
+    """batch: first delay between two looks at the batch's status; each next one is 1.5 times longer, up to `batch_poll_max_s`."""
+    batch_poll_max_s: float = 60.0
+    """batch: longest delay between two looks at the batch's status."""
+    batch_window: str = "24h"
+    """batch: the completion window asked for (OpenAI accepts only `24h`)."""
 
     def validate(self, path: str) -> None:
         check(self.n >= 1, f"{path}.n", self.n, "must be >= 1")
@@ -166,6 +185,9 @@ class CollectConfig:
         for name in ("budget_tokens", "budget_cost"):
             v = getattr(self, name)
             check(v is None or v > 0, f"{path}.{name}", v, "must be > 0 or null")
+        check(self.batch_poll_s > 0, f"{path}.batch_poll_s", self.batch_poll_s, "must be > 0")
+        check(self.batch_poll_max_s >= self.batch_poll_s, f"{path}.batch_poll_max_s", self.batch_poll_max_s,
+              "must be >= collect.batch_poll_s")  # fmt: skip
         self.price.validate(f"{path}.price")
 
 
@@ -255,7 +277,9 @@ class ServeConfig:
     max_queue: int = 256
     """Requests waiting beyond this are shed with 429 and Retry-After."""
     max_body_bytes: int = 1_000_000
-    """Larger request bodies are refused with 413."""
+    """Larger request bodies are refused with 413 (uploads to `/v1/files`: `max_file_bytes`)."""
+    max_file_bytes: int = 200_000_000
+    """Larger uploads to `/v1/files` (a Batch API input file) are refused with 413; OpenAI's limit is 200 MB."""
     faults: FaultConfig = field(default_factory=FaultConfig)
     """Fault injection for reliability tests; off unless a rate is set."""
     quirks: list[str] = field(default_factory=list)
@@ -269,7 +293,7 @@ class ServeConfig:
         check(0 <= self.port <= 65535, f"{path}.port", self.port, "must be a TCP port (0: any free one)")
         for i, quirk in enumerate(self.quirks):
             check(quirk in QUIRKS, f"{path}.quirks[{i}]", quirk, f"unknown quirk; known: {', '.join(QUIRKS)}")
-        for name in ("max_tokens_limit", "max_n", "max_batch", "max_queue", "max_body_bytes"):
+        for name in ("max_tokens_limit", "max_n", "max_batch", "max_queue", "max_body_bytes", "max_file_bytes"):
             v = getattr(self, name)
             check(v >= 1, f"{path}.{name}", v, "must be >= 1")
         self.faults.validate(f"{path}.faults")

@@ -148,38 +148,49 @@ class Ledger:
     """Teacher tokens spent, per teacher, and their cost under a price table.
 
     A call's usage is counted once even when its n samples become n records (each record
-    carries its call's id and usage).
+    carries its call's id and usage). Calls made through a Batch API (records with a `batch`
+    field) are counted in the totals too, and again in `batch_*_tokens`: their cost is the
+    online price times `price.batch_discount`.
     """
 
     price: PriceConfig = field(default_factory=PriceConfig)
     prompt_tokens: dict[str, int] = field(default_factory=dict)
     completion_tokens: dict[str, int] = field(default_factory=dict)
     calls: set[str] = field(default_factory=set)
+    batch_prompt_tokens: dict[str, int] = field(default_factory=dict)
+    batch_completion_tokens: dict[str, int] = field(default_factory=dict)
 
-    def add(self, teacher: str, call: str, prompt_tokens: int, completion_tokens: int) -> None:
+    def add(self, teacher: str, call: str, prompt_tokens: int, completion_tokens: int, batch: bool = False) -> None:
         if call in self.calls:
             return
         self.calls.add(call)
         self.prompt_tokens[teacher] = self.prompt_tokens.get(teacher, 0) + prompt_tokens
         self.completion_tokens[teacher] = self.completion_tokens.get(teacher, 0) + completion_tokens
+        if batch:
+            self.batch_prompt_tokens[teacher] = self.batch_prompt_tokens.get(teacher, 0) + prompt_tokens
+            self.batch_completion_tokens[teacher] = self.batch_completion_tokens.get(teacher, 0) + completion_tokens
 
     def add_record(self, record: dict) -> None:
         u = record.get("usage") or {}
-        self.add(record["teacher"], record["call"], u.get("prompt_tokens", 0), u.get("completion_tokens", 0))
+        self.add(record["teacher"], record["call"], u.get("prompt_tokens", 0), u.get("completion_tokens", 0),
+                 batch=bool(record.get("batch")))  # fmt: skip
 
     @property
     def tokens(self) -> int:
         return sum(self.prompt_tokens.values()) + sum(self.completion_tokens.values())
 
-    def cost_of(self, prompt_tokens: int, completion_tokens: int) -> float:
-        return (prompt_tokens * self.price.prompt_per_1k + completion_tokens * self.price.completion_per_1k) / 1000
+    def cost_of(self, prompt_tokens: int, completion_tokens: int, batch: bool = False) -> float:
+        cost = (prompt_tokens * self.price.prompt_per_1k + completion_tokens * self.price.completion_per_1k) / 1000
+        return cost * self.price.batch_discount if batch else cost
 
     @property
     def cost(self) -> float:
-        return self.cost_of(sum(self.prompt_tokens.values()), sum(self.completion_tokens.values()))
+        batch = self.cost_of(sum(self.batch_prompt_tokens.values()), sum(self.batch_completion_tokens.values()))
+        total = self.cost_of(sum(self.prompt_tokens.values()), sum(self.completion_tokens.values()))
+        return total - batch * (1 - self.price.batch_discount)
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "calls": len(self.calls),
@@ -187,6 +198,11 @@ class Ledger:
             "cost": round(self.cost, 6),
             "price": {"prompt_per_1k": self.price.prompt_per_1k, "completion_per_1k": self.price.completion_per_1k},
         }
+        if self.batch_prompt_tokens or self.batch_completion_tokens:  # only then: online ledgers keep their shape
+            out["batch_prompt_tokens"] = self.batch_prompt_tokens
+            out["batch_completion_tokens"] = self.batch_completion_tokens
+            out["price"]["batch_discount"] = self.price.batch_discount
+        return out
 
 
 class Budget:
@@ -194,31 +210,33 @@ class Budget:
 
     `take(tokens)` reserves a request's most expensive outcome (`TeacherRequest.token_bound`)
     before it is sent and says whether it still fits under `budget_tokens` and `budget_cost`
-    (extra tokens priced as completion tokens: pessimistic); `release` returns the reservation
-    once the ledger has the real usage. `admit(tokens)` only checks (for usage already known).
-    `reached` says whether a check has failed.
+    (extra tokens priced as completion tokens: pessimistic; `batch=True`: at the batch price);
+    `release` returns the reservation once the ledger has the real usage. `admit(tokens)` only
+    checks (for usage already known). `reached` says whether a check has failed.
     """
 
     def __init__(self, ledger: Ledger, budget_tokens: int | None = None, budget_cost: float | None = None):
         self.ledger, self.budget_tokens, self.budget_cost = ledger, budget_tokens, budget_cost
-        self.reserved, self.reached = 0, False
+        self.reserved, self.reserved_cost, self.reached = 0, 0.0, False
 
-    def fits(self, tokens: int) -> bool:
-        extra = self.reserved + tokens
-        if self.budget_tokens is not None and self.ledger.tokens + extra > self.budget_tokens:
+    def fits(self, tokens: int, batch: bool = False) -> bool:
+        if self.budget_tokens is not None and self.ledger.tokens + self.reserved + tokens > self.budget_tokens:
             return False
-        return self.budget_cost is None or self.ledger.cost + self.ledger.cost_of(0, extra) <= self.budget_cost
+        extra = self.reserved_cost + self.ledger.cost_of(0, tokens, batch)
+        return self.budget_cost is None or self.ledger.cost + extra <= self.budget_cost
 
-    def admit(self, tokens: int) -> bool:
-        ok = self.fits(tokens)
+    def admit(self, tokens: int, batch: bool = False) -> bool:
+        ok = self.fits(tokens, batch)
         self.reached |= not ok
         return ok
 
-    def take(self, tokens: int) -> bool:
-        if not self.admit(tokens):
+    def take(self, tokens: int, batch: bool = False) -> bool:
+        if not self.admit(tokens, batch):
             return False
         self.reserved += tokens
+        self.reserved_cost += self.ledger.cost_of(0, tokens, batch)
         return True
 
-    def release(self, tokens: int) -> None:
+    def release(self, tokens: int, batch: bool = False) -> None:
         self.reserved -= tokens
+        self.reserved_cost -= self.ledger.cost_of(0, tokens, batch)
