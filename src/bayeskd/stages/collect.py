@@ -1,7 +1,8 @@
 """Stage `collect`: the teacher's responses to prompts, through its API.
 
 Reads prompts, asks the teacher for `n` samples of each, and keeps every answer in the
-run's append-only response store (`collect/store/`). Resumable: a rerun, or a resume after a
+run's append-only response store (`collect/store/`): online (`CachedTeacher`), or through a
+Batch API (`collect.mode: batch`, `BatchTeacher`: one batch per command, `collect/batch.json`). Resumable: a rerun, or a resume after a
 crash, asks only for what the store lacks. A budget (tokens or cost) stops dispatching
 cleanly; failed requests go to `failures.jsonl` and are retried by the next run. At the end
 the corpus (`corpus.jsonl`, one record per prompt and sample, in prompt order) is written
@@ -96,10 +97,17 @@ def run_collect(cfg: Config, run: Run, force: bool = False) -> dict | None:
     if checked:
         ledger.add(teacher_name, "teacher-check", *checked)
     budget = Budget(ledger, c.budget_tokens, c.budget_cost)
-    paid = CachedTeacher(build_teacher(cfg.teacher), store, budget, teacher_name) if todo else None
-    jobs = [((i, missing), Ask(request_for(prompts[i], c, len(missing), first=missing[0]),
-                               tuple(keys[i][s] for s in missing), {"prompt_id": prompts[i]["id"]}))
-            for i, missing in todo]  # fmt: skip
+    if c.mode == "batch":  # one line per sample (n = 1, the sample's seed): one store key per custom_id
+        from bayeskd.teachers.batch import BatchTeacher  # the openai SDK, only when used
+
+        paid = BatchTeacher(build_teacher(cfg.teacher), store, budget, teacher_name, out, c) if todo else None
+        jobs = [((i, [s]), Ask(request_for(prompts[i], c, 1, first=s), (keys[i][s],), {"prompt_id": prompts[i]["id"]}))
+                for i, missing in todo for s in missing]  # fmt: skip
+    else:
+        paid = CachedTeacher(build_teacher(cfg.teacher), store, budget, teacher_name) if todo else None
+        jobs = [((i, missing), Ask(request_for(prompts[i], c, len(missing), first=missing[0]),
+                                   tuple(keys[i][s] for s in missing), {"prompt_id": prompts[i]["id"]}))
+                for i, missing in todo]  # fmt: skip
     bar = tqdm(total=total, initial=total - sum(len(m) for _, m in todo), desc="collect", unit="resp", dynamic_ncols=True)
     cut_short = 0
 
@@ -142,6 +150,8 @@ def run_collect(cfg: Config, run: Run, force: bool = False) -> dict | None:
         "store_repaired": store.repaired,
         "budget_reached": budget.reached,
     }
+    if c.mode == "batch":
+        summary["batch"] = paid.batch_id if paid else None
     done = n_records == total
     run.finish("collect", "done" if done else "partial", summary, {"corpus": fingerprint_file(out / CORPUS)})
     return summary

@@ -183,7 +183,8 @@ class OpenAITeacher(Teacher):
             retries=sum(r.retries for r in got),
         )
 
-    def _call(self, request: TeacherRequest) -> TeacherResponse:
+    def _common(self, request: TeacherRequest) -> dict[str, Any]:
+        """The SDK arguments every endpoint shares (`extra_body` as the SDK takes it)."""
         common: dict[str, Any] = dict(
             model=self.cfg.model,
             n=request.n,
@@ -197,6 +198,31 @@ class OpenAITeacher(Teacher):
             common["stop"] = list(request.stop)
         if self.cfg.extra_body:
             common["extra_body"] = dict(self.cfg.extra_body)
+        return common
+
+    # ------------------------------------------------------------------ the Batch API's share
+
+    def chat_body(self, request: TeacherRequest) -> dict:
+        """The JSON body that `request` sends to /chat/completions online (`extra_body` merged in, as
+        the SDK does): the `body` of its line in a Batch API input file."""
+        if request.messages is None or request.prefix is not None:
+            raise ValueError("a Batch API line is a chat request without a response prefix")
+        common = self._common(request)
+        extra = common.pop("extra_body", {})
+        if request.top_logprobs:
+            common.update(logprobs=True, top_logprobs=request.top_logprobs)
+        return {**common, "messages": request.message_dicts(), **extra}
+
+    @staticmethod
+    def chat_answer(body: dict, request: TeacherRequest) -> TeacherResponse:
+        """A chat.completion body that answered `request` (a Batch API output line's), checked as an
+        online answer is; raises TeacherError (with the body's usage) for one that would lose samples."""
+        return _checked(parse_chat, body, request)
+
+    # ------------------------------------------------------------------ one call (continued)
+
+    def _call(self, request: TeacherRequest) -> TeacherResponse:
+        common = self._common(request)
         try:
             response = self._send(request, common)
         except openai.APIStatusError as e:
