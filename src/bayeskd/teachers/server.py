@@ -2,7 +2,8 @@
 
 It lets anyone treat a local model as a closed API (the method then sees only what a real
 API shows), and it is what the integration tests talk to over real HTTP. Endpoints:
-`/v1/chat/completions`, `/v1/completions`, `/v1/models`. Concurrent requests are gathered
+`/v1/chat/completions`, `/v1/completions`, `/v1/models`, and a Batch API (`/v1/files`,
+`/v1/batches`: `serve_batch.py`) whose lines are answered as chat requests are. Concurrent requests are gathered
 into the local teacher's continuous batch as it has room; when too many wait, new ones are
 shed with 429 and `Retry-After`, as real APIs do. `serve.faults` injects failures and
 `serve.quirks` reproduces other servers' ways (`faults.py`, `quirks.py`), both off by default.
@@ -161,8 +162,9 @@ def create_app(teacher: LocalTeacher, cfg: ServeConfig, served_name: str | None 
             if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
                 return _error(401, "invalid or missing bearer token", "authentication_error")
         length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > cfg.max_body_bytes:
-            return _error(413, f"request body over {cfg.max_body_bytes} bytes")
+        limit = cfg.max_file_bytes if request.url.path == "/v1/files" else cfg.max_body_bytes
+        if length is not None and length.isdigit() and int(length) > limit:
+            return _error(413, f"request body over {limit} bytes")
         return await call_next(request)
 
     if cfg.faults.active:  # added last, so outermost: faults come before the checks above
@@ -181,14 +183,14 @@ def create_app(teacher: LocalTeacher, cfg: ServeConfig, served_name: str | None 
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "bayeskd"}]}
 
-    async def run(body: _Sampling, request: TeacherRequest, render) -> JSONResponse:
+    async def run(body: _Sampling, request: TeacherRequest, render, shed: bool = True) -> JSONResponse:
         if body.model != model_name:
             return _error(404, f"model {body.model!r} not found; this server serves {model_name!r}", "not_found_error")
         if body.n > cfg.max_n:
             return _error(400, f"n={body.n} exceeds this server's limit of {cfg.max_n}")
         if request.max_tokens > cfg.max_tokens_limit:
             return _error(400, f"max_tokens={request.max_tokens} exceeds this server's limit of {cfg.max_tokens_limit}")
-        if batcher.full():
+        if shed and batcher.full():
             return _error(429, "server busy, retry later", "rate_limit_error", headers={"Retry-After": "1"})
         try:
             response = await batcher.submit(quirked_request(request, cfg.quirks))
@@ -202,6 +204,9 @@ def create_app(teacher: LocalTeacher, cfg: ServeConfig, served_name: str | None 
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody):
+        return await answer_chat(body)
+
+    async def answer_chat(body: ChatBody, shed: bool = True) -> JSONResponse:
         messages, prefix = [m.model_dump() for m in body.messages], None
         if body.continue_final_message:
             if messages[-1]["role"] != "assistant" or body.add_generation_prompt:
@@ -215,13 +220,17 @@ def create_app(teacher: LocalTeacher, cfg: ServeConfig, served_name: str | None 
             prefix=prefix,
             **_sampling(body, cfg.quirks, body.max_completion_tokens),
         )
-        return await run(body, request, lambda r: _chat_json(r, model_name))
+        return await run(body, request, lambda r: _chat_json(r, model_name), shed)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody):
         request = TeacherRequest(prompt=body.prompt, top_logprobs=body.logprobs or 0, **_sampling(body, cfg.quirks))
         return await run(body, request, lambda r: _completion_json(r, model_name))
 
+    from bayeskd.teachers.serve_batch import add_batch_api
+
+    # A batch's lines go the way of /v1/chat/completions requests (not shed: the batch waits its turn).
+    add_batch_api(app, cfg, lambda body: answer_chat(body, shed=False), ChatBody)
     return app
 
 
