@@ -3,8 +3,9 @@
 `base` is the interface (requests, responses, errors), `build` picks the client a config names:
 `local` (a Hugging Face model in this process, with `decoding`'s continuous batching) or
 `openai_compat` (any OpenAI-compatible endpoint). `cached` puts a teacher behind the response
-`store` and a budget; `check` is `bayeskd teacher-check`; `server` is `bayeskd serve`, with the
-`faults` and `quirks` that tests turn on. `config` holds their options.
+`store` and a budget, `batch` does the same through a Batch API; `check` is `bayeskd
+teacher-check`; `server` is `bayeskd serve` (its Batch API in `serve_batch`), with the `faults`
+and `quirks` that tests turn on. `config` holds their options.
 
 May import: the run's plumbing (bayeskd.errors, config, artifacts, models). Nothing here imports
 the estimate, training, evaluation or the stages.
