@@ -80,6 +80,10 @@ def test_overrides_are_parsed_as_yaml():
         ("distill.train.select=best_validation", "distill.train.eval_every=0: must be > 0 with select: best_validation"),
         ("posterior.mode=sampled", None),
         ("teacher.logprobs_are=sampled", "teacher.logprobs_are='sampled': the local teacher reports raw logprobs"),
+        ("collect.mode=batch", "collect.mode='batch': a Batch API is reached through an OpenAI-compatible endpoint"),
+        ("collect.mode=bulk", "collect.mode='bulk': must be one of 'online', 'batch'"),
+        ("collect.price.batch_discount=2", "collect.price.batch_discount=2.0: must be in [0, 1]"),
+        ("collect.batch_poll_s=0", "collect.batch_poll_s=0.0: must be > 0"),
     ],
 )
 def test_bad_values_name_the_field(override, message):

@@ -128,8 +128,8 @@ class BatchTeacher(CachedTeacher):
         number = len(state["batches"])
         name = f"batch-input-{number:03d}.jsonl"
         write_jsonl_atomic(self.folder / name, lines)
-        with open(self.folder / name, "rb") as f:
-            uploaded = self._call("upload the batch input file", lambda: self.client.files.create(file=(name, f), purpose="batch"))
+        data = (self.folder / name).read_bytes()  # bytes, not a stream: a retried upload sends the whole file again
+        uploaded = self._call("upload the batch input file", lambda: self.client.files.create(file=(name, data), purpose="batch"))
         entry = {"input": name, "input_file_id": uploaded.id, "batch_id": None, "requests": len(lines),
                  "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
         state["batches"].append(entry)
