@@ -70,6 +70,9 @@ class CompletionBody(_Sampling):
     echo: bool = False
     """The legacy endpoint's echo: the prompt is returned before the completion, and with `logprobs`
     every prompt token's logprob and top alternatives too (the first token's null), as vLLM does."""
+    return_tokens_as_token_ids: bool = False
+    """vLLM's extension: the echoed prompt's tokens and their alternatives as `token_id:N` strings, so
+    that tokens that decode alike (byte fragments) stay apart. Generated tokens keep their strings here."""
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", headers: dict | None = None) -> JSONResponse:
@@ -285,8 +288,9 @@ def create_app(teacher: LocalTeacher, cfg: ServeConfig, served_name: str | None 
                 echoed = None
                 if scored is not None:
                     own, tops = scored[j]
-                    echoed = [TokenLogprob(teacher.token_str(p[0]), None, None)]  # type: ignore[arg-type]
-                    echoed += [TokenLogprob(teacher.token_str(t), lp, [(teacher.token_str(a), v) for a, v in top])
+                    name = (lambda t: f"token_id:{t}") if body.return_tokens_as_token_ids else teacher.token_str
+                    echoed = [TokenLogprob(name(p[0]), None, None)]  # type: ignore[arg-type]
+                    echoed += [TokenLogprob(name(t), lp, [(name(a), v) for a, v in top])
                                for t, lp, top in zip(p[1:], own, tops)]  # fmt: skip
                 choices.append(_completion_choice(len(choices), c, text, echoed))
         bill(usage.prompt_tokens, usage.completion_tokens)
