@@ -83,8 +83,48 @@ class PosteriorConfig:
     """`auto`: the proxy temperatures tau_P tried."""
     fit_positions: int = 4000
     """`auto`: most validation positions scored."""
+    proxy_backend: Literal["local", "openai"] = "local"
+    """Where the proxy's distributions come from. `local`: the run's `proxy` stage checkpoint, run
+    here (dense logits). `openai`: a completions endpoint that echoes the prompt's logprobs (vLLM,
+    `bayeskd serve`): each example's text, rendered as the local path renders it, is sent with
+    `echo: true`, `logprobs: proxy_top_logprobs` and `max_tokens: 0`, and the proxy's top-k at
+    each response token is read from `choices[0].logprobs.top_logprobs`; its unlisted mass is its
+    tail. The served model must have the student's tokenizer (checked token by token)."""
+    proxy_base_url: str | None = None
+    """`openai`: the endpoint's base URL, e.g. http://host:8000/v1."""
+    proxy_model: str | None = None
+    """`openai`: the model name the endpoint serves the proxy under."""
+    proxy_api_key_env: str | None = None
+    """`openai`: the environment variable holding the endpoint's key (null: none needed)."""
+    proxy_top_logprobs: int = 20
+    """`openai`: the proxy's alternatives asked for per token (vLLM's --max-logprobs is 20 by default)."""
+    proxy_concurrency: int = 8
+    """`openai`: requests in flight at once (one example each)."""
+    proxy_timeout_s: float = 300.0
+    """`openai`: seconds one request may take."""
+
+    def identity(self) -> dict:
+        """The fields the posterior's values depend on (what its stage fingerprint holds): the served
+        proxy's settings only when it is used (so that runs made before they existed stay current), and
+        never where its key lives or how many requests run at once."""
+        out = dataclasses.asdict(self)
+        for name in ("proxy_api_key_env", "proxy_concurrency", "proxy_timeout_s"):
+            out.pop(name)
+        if self.proxy_backend == "local":
+            for name in ("proxy_backend", "proxy_base_url", "proxy_model", "proxy_top_logprobs"):
+                out.pop(name)
+        return out
 
     def validate(self, path: str) -> None:
+        if self.proxy_backend == "openai":
+            for name in ("proxy_base_url", "proxy_model"):
+                check(bool(getattr(self, name)), f"{path}.{name}", getattr(self, name), "must be set with proxy_backend openai")
+            check(self.proxy_temperature == 1.0, f"{path}.proxy_temperature", self.proxy_temperature,
+                  "must be 1 with proxy_backend openai (the served proxy's values beyond its top-k are unknown)")  # fmt: skip
+            check(self.fit == "none", f"{path}.fit", self.fit, "must be none with proxy_backend openai (the fit needs the dense proxy)")
+        check(1 <= self.proxy_top_logprobs <= 20, f"{path}.proxy_top_logprobs", self.proxy_top_logprobs, "must be in 1..20")
+        check(self.proxy_concurrency >= 1, f"{path}.proxy_concurrency", self.proxy_concurrency, "must be >= 1")
+        check(self.proxy_timeout_s > 0, f"{path}.proxy_timeout_s", self.proxy_timeout_s, "must be > 0")
         check(self.m >= 0, f"{path}.m", self.m, "must be >= 0")
         check(all(m >= 0 for m in self.fit_m) and self.fit_m, f"{path}.fit_m", self.fit_m, "must be values >= 0")
         check(self.mode != "sampled" or all(float(m).is_integer() or m == float("inf") for m in self.fit_m),

@@ -151,7 +151,7 @@ def estimate(
     prior: NGramPrior,
     contexts: np.ndarray,
     loo: np.ndarray | None,
-    proxy_logits: torch.Tensor,
+    proxy_logits: torch.Tensor | D.SparseDist,
     cfg: PosteriorConfig,
     k_prior: int,
     evidence: tuple[np.ndarray, np.ndarray] | None = None,
@@ -162,7 +162,8 @@ def estimate(
     """Prior, posterior and proxy targets at P positions (sparse, `TARGET_SETS`), and the posterior's entropy.
 
     contexts [P, n-1]; loo [P] the positions' own tokens for leave-one-out (or None);
-    proxy_logits [P, V]; evidence (ids [P, E], probs [P, E]) from the teacher's logprobs;
+    proxy_logits [P, V], or a served proxy's top-k (`served`: its unlisted mass stays the
+    proxy's tail, so that it adds nothing to any candidate it did not list); evidence (ids [P, E], probs [P, E]) from the teacher's logprobs;
     teacher_counts (ids [P, S], counts [P, S], PAD / 0 where unused): the teacher's own samples
     at each prefix (stage `probe`), added to the Dirichlet before the logprob evidence.
     `sampling`: how the API's logprobs relate to the distribution the teacher sampled (and the
@@ -171,9 +172,20 @@ def estimate(
     proxy's top `cfg.top_k` and every evidence and counted id.
     """
     pb = prior.query(contexts, k_prior, targets=loo)
-    z = proxy_logits.float()
-    logp = torch.log_softmax(z if cfg.proxy_temperature == 1.0 else z / cfg.proxy_temperature, dim=-1)
-    top_lp, top_ids = logp.topk(cfg.top_k, dim=-1)
+    if isinstance(proxy_logits, D.SparseDist):  # a served proxy's top-k: unlisted tokens are its tail
+        proxy = _sparse_proxy(proxy_logits, cfg.top_k)
+        top_ids = torch.from_numpy(proxy.ids.astype(np.int64))
+        vocab = max(int(prior.V), int(np.max(proxy_logits.ids, initial=0)) + 1)
+        probs = _dense_of_sparse(proxy_logits, vocab, spread=False)
+        shape = None if sampling.identity else _dense_of_sparse(proxy_logits, vocab, spread=True)
+    else:
+        z = proxy_logits.float()
+        logp = torch.log_softmax(z if cfg.proxy_temperature == 1.0 else z / cfg.proxy_temperature, dim=-1)
+        top_lp, top_ids = logp.topk(cfg.top_k, dim=-1)
+        top_p = top_lp.exp().double().numpy()
+        proxy = D.SparseDist(top_ids.numpy().astype(np.int32), top_p, np.clip(1 - top_p.sum(1), 0, 1))
+        probs = logp.exp()
+        shape = None if sampling.identity else probs
     sets = [pb.ids, top_ids.numpy()]
     if evidence is not None:
         sets.append(evidence[0])
@@ -183,17 +195,34 @@ def estimate(
     valid = cand >= 0
     safe = np.where(valid, cand, 0)
     prior_c = np.where(valid, prior.prob(contexts, safe, targets=loo), 0.0)
-    proxy_c = np.where(valid, logp.gather(1, torch.from_numpy(safe)).exp().double().numpy(), 0.0)
+    proxy_c = np.where(valid, probs.gather(1, torch.from_numpy(safe)).double().numpy(), 0.0)
     post = update(prior_c, proxy_c, pb.kappa, cfg, generator)
     if teacher_counts is not None:
         post = D.add_counts(post, D.counts_on(cand, *teacher_counts), pb.kappa + proxy_strength(cfg))
     if evidence is not None:
-        post = D.apply_evidence(post, cand, *evidence_in_target(evidence, sampling, None if sampling.identity else logp.exp()))
+        post = D.apply_evidence(post, cand, *evidence_in_target(evidence, sampling, shape))
     posterior = D.top_k(cand, post, cfg.top_k)
-    top_p = top_lp.exp().double().numpy()
-    dists = {
-        "prior": D.SparseDist(pb.ids, pb.probs, pb.tail),
-        "posterior": posterior,
-        "proxy": D.SparseDist(top_ids.numpy().astype(np.int32), top_p, np.clip(1 - top_p.sum(1), 0, 1)),
-    }
+    dists = {"prior": D.SparseDist(pb.ids, pb.probs, pb.tail), "posterior": posterior, "proxy": proxy}
     return dists, D.entropy(posterior)
+
+
+def _sparse_proxy(dist: D.SparseDist, k: int) -> D.SparseDist:
+    """A served proxy's listed tokens, its K likeliest (sorted), as the `proxy` target: the rest is its tail."""
+    ids, probs = np.asarray(dist.ids), np.asarray(dist.probs, dtype=np.float64)
+    order = np.argsort(-np.where(ids >= 0, probs, -1.0), axis=1, kind="stable")[:, :k]
+    ids, probs = np.take_along_axis(ids, order, 1), np.take_along_axis(probs, order, 1)
+    probs = np.where(ids >= 0, probs, 0.0)
+    return D.SparseDist(ids.astype(np.int32), probs, np.clip(1 - probs.sum(1), 0, 1))
+
+
+def _dense_of_sparse(dist: D.SparseDist, vocab: int, spread: bool) -> torch.Tensor:
+    """[P, V] of a sparse proxy: its listed probabilities, and elsewhere 0 (`spread` False: the
+    candidates' values, the unlisted mass left in the tail) or the tail spread evenly (True: the
+    shape the API's unlisted mass takes in `evidence_in_target`)."""
+    ids, probs = np.asarray(dist.ids), np.asarray(dist.probs, dtype=np.float64)
+    if spread:
+        return torch.from_numpy(dist.dense(vocab))
+    out = np.zeros((len(ids), vocab))
+    rows, cols = np.nonzero(ids >= 0)
+    out[rows, ids[rows, cols]] = probs[rows, cols]
+    return torch.from_numpy(out)

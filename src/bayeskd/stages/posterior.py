@@ -9,12 +9,15 @@ their tokens' probabilities (`posterior.use_logprobs`). Written to `posterior/ta
 `targets`): the `prior`, `posterior` and `proxy` target sets, `topk` (the API's own top-k
 alone, `topk-kd`'s target), the posterior's entropy per token, and per record the proxy's mean
 log-likelihood of the teacher's response (Proxy-KD's sample weights).
+
+With `posterior.proxy_backend: openai` the proxy is not the run's checkpoint but a model behind a
+completions endpoint that echoes prompt logprobs (`estimate/served.py`): its top-k at each
+response token, the rest its tail; the `proxy` stage's output is then not read.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -34,6 +37,7 @@ from bayeskd.estimate.update import (
     topk_targets,
 )
 from bayeskd.estimate.evidence import EvidenceMapper
+from bayeskd.estimate.served import ServedProxy, ServedRow
 from bayeskd.models import check_same_tokenizer, load_causal_lm
 from bayeskd.stages import proxy_model
 from bayeskd.estimate.targets import TargetStore, TargetWriter
@@ -41,10 +45,12 @@ from bayeskd.estimate.targets import TargetStore, TargetWriter
 
 def run_posterior(cfg: Config, run: Run, force: bool = False) -> dict | None:
     corpus = load_corpus(cfg, run)
-    proxy_dir = proxy_model(cfg, run)
-    check_same_tokenizer(str(proxy_dir), cfg.student_model, corpus.tokenizer_fp, "proxy")
+    served = cfg.posterior.proxy_backend == "openai"
+    if not served:
+        proxy_dir = proxy_model(cfg, run)
+        check_same_tokenizer(str(proxy_dir), cfg.student_model, corpus.tokenizer_fp, "proxy")
     stage_cfg = {
-        "posterior": asdict(cfg.posterior),
+        "posterior": cfg.posterior.identity(),
         "prior": cfg.prior.identity(),
         "data": cfg.data.identity(),
     }
@@ -54,11 +60,22 @@ def run_posterior(cfg: Config, run: Run, force: bool = False) -> dict | None:
         "corpus": corpus.corpus_fp,
         "tokenizer": corpus.tokenizer_fp,
         "prior": (run.manifest("prior") or {}).get("fingerprint", ""),
-        "proxy": fingerprint_file(proxy_dir / "model.safetensors"),
+        # A served proxy's weights are out of reach: its endpoint and name stand for them.
+        "proxy": f"{cfg.posterior.proxy_base_url}#{cfg.posterior.proxy_model}" if served
+        else fingerprint_file(proxy_dir / "model.safetensors"),
     }
     out = run.begin("posterior", stage_cfg, inputs, force)
     if out is None:
         return None
+    if served:
+        proxy = ServedProxy(cfg.posterior, corpus.tokenizer)
+        try:
+            proxy.check()
+            summary = _compute(cfg, corpus, load_prior(cfg, run), proxy, out, inputs)
+        finally:
+            proxy.close()
+        run.finish("posterior", "done", {**summary, "served_proxy": proxy.summary()}, {"targets": corpus.tokenizer_fp})
+        return summary
     proxy = load_causal_lm(str(proxy_dir))
     fitted = {}
     if cfg.posterior.fit == "auto":  # no oracle: the teacher's own tokens on the validation split
@@ -86,20 +103,29 @@ def _compute(cfg: Config, corpus: TokenizedCorpus, prior: NGramPrior, proxy, out
     entropies = []
     for rb in corpus.batches(range(len(data)), p.batch_size, "posterior"):
         t0 = time.perf_counter()
-        logits = rb.logits(proxy)
+        if isinstance(proxy, ServedProxy):  # top-k and the realised token's logprob, per response token
+            items = [(corpus.records[row["index"]], row["input_ids"], row["n_response"]) for row in rb.rows]
+            logits = proxy.rows(items, cfg.data.template)
+        else:
+            logits = rb.logits(proxy)
         t_proxy += time.perf_counter() - t0
         for i, row, z in zip(rb.indices, rb.rows, logits):
             sl = slice(int(starts[i]), int(starts[i + 1]))
             record = corpus.records[row["index"]]
             loo = targets[sl] if cfg.prior.leave_one_out and corpus.split_of(row["prompt_id"]) == "train" else None
-            ev = record_evidence(mapper, record, corpus.tokenizer, cfg.data.template, len(z), evidence_top(cfg))
+            n = sl.stop - sl.start
+            ev = record_evidence(mapper, record, corpus.tokenizer, cfg.data.template, n, evidence_top(cfg))
             evidence = ev if p.use_logprobs else None
-            dists, ent = estimate(prior, contexts[sl], loo, z, p, cfg.prior.top_k, evidence, generator, sampling=sampling)
-            dists["topk"] = topk_targets(ev, len(z), sampling)
+            dist = z.dist if isinstance(z, ServedRow) else z
+            dists, ent = estimate(prior, contexts[sl], loo, dist, p, cfg.prior.top_k, evidence, generator, sampling=sampling)
+            dists["topk"] = topk_targets(ev, n, sampling)
             writer.add(row["index"], dists, ent)
             entropies.append(ent)
-            labels = torch.from_numpy(targets[sl].astype(np.int64))
-            loglik[row["index"]] = float((z.gather(1, labels[:, None]).squeeze(1) - z.logsumexp(-1)).mean())
+            if isinstance(z, ServedRow):
+                loglik[row["index"]] = float(z.token_logprobs.mean())
+            else:
+                labels = torch.from_numpy(targets[sl].astype(np.int64))
+                loglik[row["index"]] = float((z.gather(1, labels[:, None]).squeeze(1) - z.logsumexp(-1)).mean())
         t_total += time.perf_counter() - t0
     np.save(out / "proxy_loglik.npy", loglik)
     meta = {"tokenizer": corpus.tokenizer_fp, "corpus": corpus.corpus_fp, "mode": p.mode, "m": p.m, "k": p.top_k,

@@ -382,7 +382,7 @@ def run_probe(cfg: Config, run: Run, force: bool = False) -> dict | None:
     corpus = load_corpus(cfg, run)
     source = TargetStore.open(run.output("posterior", "targets"))
     source.check(corpus.tokenizer_fp, corpus.corpus_fp)
-    stage_cfg = {"probe": asdict(p), "posterior": asdict(cfg.posterior), "sampling": asdict(cfg.collect)}
+    stage_cfg = {"probe": asdict(p), "posterior": cfg.posterior.identity(), "sampling": asdict(cfg.collect)}
     inputs = {"corpus": corpus.corpus_fp, "posterior": (run.manifest("posterior") or {}).get("fingerprint", ""),
               "teacher": cfg.teacher.key_name}  # fmt: skip
     if cfg.teacher.extra_body:  # only when set, so that runs from before the option keep their fingerprint

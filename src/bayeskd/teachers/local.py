@@ -69,6 +69,7 @@ class LocalTeacher(Teacher):
         self.decoder = Decoder(self.model, batch_size, tok.eos_token_id, tok.pad_token_id, self._text)
         self._token_strs: dict[int, str] = {}
         self._cond = threading.Condition()
+        self._score_lock = threading.Lock()
         self._inbox: list[_Job] = []
         self._in_flight = 0  # rows submitted and not yet finished
         self._worker: threading.Thread | None = None
@@ -131,6 +132,40 @@ class LocalTeacher(Teacher):
                 self._worker = threading.Thread(target=self._work, name="bayeskd-decoder", daemon=True)
                 self._worker.start()
             self._cond.notify()
+
+    def score(self, prompts: list[list[int]], top_logprobs: int) -> list[tuple[list[float], list[list[tuple[int, float]]]]]:
+        """Prompt logprobs (the completions endpoint's `echo`): per prompt of token ids, the logprob of
+        each token after the first given the ones before it, and its `top_logprobs` likeliest
+        alternatives as (id, logprob), all of the raw distribution, as generated tokens' are.
+
+        One forward over the prompts, right-padded, beside the decoding thread's (inference only);
+        scoring calls are taken one at a time."""
+        for p in prompts:
+            error = self._too_long(len(p), 0)
+            if error is not None:
+                raise error
+            if not p:
+                raise TeacherError("an empty prompt has no tokens to score", status=400)
+        out = []
+        with self._score_lock, torch.inference_mode():
+            width = max(len(p) for p in prompts)
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            ids = torch.tensor([p + [pad] * (width - len(p)) for p in prompts], device=self.device)
+            mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prompts], device=self.device)
+            logits = self.model(input_ids=ids, attention_mask=mask).logits
+            for b, p in enumerate(prompts):
+                logp = torch.log_softmax(logits[b, : len(p) - 1].float(), dim=-1)
+                own = logp.gather(1, ids[b, 1 : len(p), None]).squeeze(1).tolist()
+                tops: list[list[tuple[int, float]]] = [[] for _ in own]
+                if top_logprobs:
+                    v, i = logp.topk(min(top_logprobs, logp.shape[-1]), dim=-1)
+                    tops = [list(zip(a, b)) for a, b in zip(i.tolist(), v.tolist())]
+                out.append((own, tops))
+        return out
+
+    def token_str(self, token_id: int) -> str:
+        """A token's string as the API shows it (its own decoding)."""
+        return self._token_str(token_id)
 
     def close(self) -> None:
         with self._cond:

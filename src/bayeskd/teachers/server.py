@@ -2,7 +2,8 @@
 
 It lets anyone treat a local model as a closed API (the method then sees only what a real
 API shows), and it is what the integration tests talk to over real HTTP. Endpoints:
-`/v1/chat/completions`, `/v1/completions`, `/v1/models`, and a Batch API (`/v1/files`,
+`/v1/chat/completions`, `/v1/completions` (with the legacy `echo`: prompt logprobs, as vLLM serves
+them and lm-evaluation-harness reads them), `/v1/models`, and a Batch API (`/v1/files`,
 `/v1/batches`: `serve_batch.py`) whose lines are answered as chat requests are. Concurrent requests are gathered
 into the local teacher's continuous batch as it has room; when too many wait, new ones are
 shed with 429 and `Retry-After`, as real APIs do. `serve.faults` injects failures and
@@ -29,7 +30,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from bayeskd.teachers.config import ServeConfig
-from bayeskd.teachers.base import Choice, TeacherError, TeacherRequest, TeacherResponse
+from bayeskd.teachers.base import Choice, TeacherError, TeacherRequest, TeacherResponse, TokenLogprob, Usage
 from bayeskd.teachers.local import LocalTeacher
 from bayeskd.teachers.quirks import quirked_request, quirked_response, server_top_k
 
@@ -62,8 +63,17 @@ class ChatBody(_Sampling):
 
 
 class CompletionBody(_Sampling):
-    prompt: str
+    prompt: str | list[str] | list[int] | list[list[int]]
+    """One prompt, or several (a choice per prompt and sample, prompt-major), as text or token ids."""
+    max_tokens: int | None = Field(None, ge=0)
+    """0 only with `echo`: the prompt's logprobs and nothing generated (vLLM's way)."""
     logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+    """The legacy endpoint's echo: the prompt is returned before the completion, and with `logprobs`
+    every prompt token's logprob and top alternatives too (the first token's null), as vLLM does."""
+    return_tokens_as_token_ids: bool = False
+    """vLLM's extension: the echoed prompt's tokens and their alternatives as `token_id:N` strings, so
+    that tokens that decode alike (byte fragments) stay apart. Generated tokens keep their strings here."""
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", headers: dict | None = None) -> JSONResponse:
@@ -183,23 +193,35 @@ def create_app(teacher: LocalTeacher, cfg: ServeConfig, served_name: str | None 
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "bayeskd"}]}
 
-    async def run(body: _Sampling, request: TeacherRequest, render, shed: bool = True) -> JSONResponse:
+    def refused(body: _Sampling, max_tokens: int, shed: bool = True) -> JSONResponse | None:
         if body.model != model_name:
             return _error(404, f"model {body.model!r} not found; this server serves {model_name!r}", "not_found_error")
         if body.n > cfg.max_n:
             return _error(400, f"n={body.n} exceeds this server's limit of {cfg.max_n}")
-        if request.max_tokens > cfg.max_tokens_limit:
-            return _error(400, f"max_tokens={request.max_tokens} exceeds this server's limit of {cfg.max_tokens_limit}")
+        if max_tokens > cfg.max_tokens_limit:
+            return _error(400, f"max_tokens={max_tokens} exceeds this server's limit of {cfg.max_tokens_limit}")
         if shed and batcher.full():
             return _error(429, "server busy, retry later", "rate_limit_error", headers={"Retry-After": "1"})
+        return None
+
+    def bill(prompt_tokens: int, completion_tokens: int) -> None:
+        billed = app.state.billed
+        billed.update(requests=billed["requests"] + 1, prompt_tokens=billed["prompt_tokens"] + prompt_tokens,
+                      completion_tokens=billed["completion_tokens"] + completion_tokens)  # fmt: skip
+
+    async def generate(request: TeacherRequest) -> TeacherResponse:
+        response = await batcher.submit(quirked_request(request, cfg.quirks))
+        return quirked_response(response, cfg.quirks, request.top_logprobs, end_of_turn, specials)
+
+    async def run(body: _Sampling, request: TeacherRequest, render, shed: bool = True) -> JSONResponse:
+        error = refused(body, request.max_tokens, shed)
+        if error is not None:
+            return error
         try:
-            response = await batcher.submit(quirked_request(request, cfg.quirks))
+            response = await generate(request)
         except TeacherError as e:
             return _error(e.status or 500, str(e))
-        response = quirked_response(response, cfg.quirks, request.top_logprobs, end_of_turn, specials)
-        billed = app.state.billed
-        billed.update(requests=billed["requests"] + 1, prompt_tokens=billed["prompt_tokens"] + response.usage.prompt_tokens,
-                      completion_tokens=billed["completion_tokens"] + response.usage.completion_tokens)  # fmt: skip
+        bill(response.usage.prompt_tokens, response.usage.completion_tokens)
         return JSONResponse(render(response))
 
     @app.post("/v1/chat/completions")
@@ -224,8 +246,60 @@ def create_app(teacher: LocalTeacher, cfg: ServeConfig, served_name: str | None 
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody):
-        request = TeacherRequest(prompt=body.prompt, top_logprobs=body.logprobs or 0, **_sampling(body, cfg.quirks))
-        return await run(body, request, lambda r: _completion_json(r, model_name))
+        prompts = _prompts(body.prompt)
+        if prompts is None:
+            return _error(400, "prompt: must be a string, a list of strings, a list of token ids or a list of lists of them")
+        if body.max_tokens == 0 and not body.echo:
+            return _error(400, "max_tokens=0 needs echo=true (the prompt's logprobs alone)")
+        if not body.echo and len(prompts) == 1 and isinstance(prompts[0], str):
+            request = TeacherRequest(prompt=prompts[0], top_logprobs=body.logprobs or 0, **_sampling(body, cfg.quirks))
+            return await run(body, request, lambda r: _completion_json(r, model_name))
+        return await many(body, prompts)
+
+    async def many(body: CompletionBody, prompts: list[str | list[int]]) -> JSONResponse:
+        """Several prompts (a choice per prompt and sample, prompt-major) or token-id prompts, or
+        `echo`: each prompt's tokens, with `logprobs` their logprobs and top alternatives (the first
+        token's null), before what was generated (nothing with max_tokens 0)."""
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens
+        error = refused(body, max_tokens)
+        if error is not None:
+            return error
+        tok = teacher.tokenizer
+        ids = [tok(p, add_special_tokens=False)["input_ids"] if isinstance(p, str) else p for p in prompts]
+        if any(t < 0 or t >= len(tok) for p in ids for t in p):
+            return _error(400, f"prompt: token ids must be in 0..{len(tok) - 1}")
+        texts = [p if isinstance(p, str) else tok.decode(p) for p in prompts]
+        k = body.logprobs or 0
+        try:
+            scored = await asyncio.to_thread(teacher.score, ids, k) if body.echo and body.logprobs is not None else None
+            answers = [None] * len(prompts)
+            if max_tokens:
+                # Echoed logprobs (even logprobs=0) list the generated tokens' logprobs too: ask for at least one alternative.
+                top = max(k, 1) if scored is not None else k
+                params = {**_sampling(body, cfg.quirks), "max_tokens": max_tokens, "top_logprobs": top}
+                answers = await asyncio.gather(*(generate(TeacherRequest(prompt=t, **params)) for t in texts))
+        except TeacherError as e:
+            return _error(e.status or 500, str(e))
+        choices, usage = [], Usage()
+        for j, (p, text) in enumerate(zip(ids, texts)):
+            answer = answers[j]
+            usage = usage + (answer.usage if answer is not None else Usage(prompt_tokens=len(p)))
+            for c in answer.choices if answer is not None else [Choice(text="", finish_reason="length", tokens=[])]:
+                if k == 0 and c.tokens:
+                    c = Choice(c.text, c.finish_reason, [TokenLogprob(t.token, t.logprob, []) for t in c.tokens])
+                if not body.echo:
+                    choices.append(_completion_choice(len(choices), c))
+                    continue
+                echoed = None
+                if scored is not None:
+                    own, tops = scored[j]
+                    name = (lambda t: f"token_id:{t}") if body.return_tokens_as_token_ids else teacher.token_str
+                    echoed = [TokenLogprob(name(p[0]), None, None)]  # type: ignore[arg-type]
+                    echoed += [TokenLogprob(name(t), lp, [(name(a), v) for a, v in top])
+                               for t, lp, top in zip(p[1:], own, tops)]  # fmt: skip
+                choices.append(_completion_choice(len(choices), c, text, echoed))
+        bill(usage.prompt_tokens, usage.completion_tokens)
+        return JSONResponse(_envelope("text_completion", model_name, TeacherResponse(choices=[], usage=usage), choices))
 
     from bayeskd.teachers.serve_batch import add_batch_api
 
@@ -288,25 +362,43 @@ def _chat_json(response: TeacherResponse, model: str) -> dict:
 
 
 def _completion_json(response: TeacherResponse, model: str) -> dict:
-    def logprobs(c: Choice) -> dict | None:
-        if c.tokens is None:
-            return None
+    choices = [_completion_choice(i, c) for i, c in enumerate(response.choices)]
+    return _envelope("text_completion", model, response, choices)
+
+
+def _completion_choice(index: int, c: Choice, echo: str | None = None, echoed: list[TokenLogprob] | None = None) -> dict:
+    """One choice in the legacy format. `echo`: the prompt's text, put before the completion's, and
+    `echoed` its tokens (first: logprob and alternatives None), put before the completion's tokens."""
+    tokens = c.tokens
+    if echoed is not None:
+        tokens = echoed + (c.tokens or [])
+    logprobs = None
+    if tokens is not None and (echoed is not None or c.tokens is not None):
         offsets, pos = [], 0
-        for t in c.tokens:
+        for t in tokens:
             offsets.append(pos)
             pos += len(t.token)
-        return {
-            "tokens": [t.token for t in c.tokens],
-            "token_logprobs": [t.logprob for t in c.tokens],
-            "top_logprobs": [_by_string(t.top) for t in c.tokens],
+        logprobs = {
+            "tokens": [t.token for t in tokens],
+            "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [None if t.top is None else _by_string(t.top) for t in tokens],
             "text_offset": offsets,
         }
+    text = c.text if echo is None else echo + c.text
+    return {"index": index, "text": text, "finish_reason": c.finish_reason, "logprobs": logprobs}
 
-    choices = [
-        {"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": logprobs(c)}
-        for i, c in enumerate(response.choices)
-    ]
-    return _envelope("text_completion", model, response, choices)
+
+def _prompts(prompt: Any) -> list[str | list[int]] | None:
+    """A completions `prompt` as a list of prompts, each a string or token ids; None if malformed."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    if isinstance(prompt, list) and prompt and all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompt):
+        return list(prompt)
+    return None
 
 
 def _by_string(top: list[tuple[str, float]]) -> dict[str, float]:
