@@ -359,7 +359,7 @@ def run_eval(cfg: Config, run: Run, force: bool = False) -> dict | None:
     oracle = _oracle(cfg, corpus)
     students = {m: load_causal_lm(str(run.output(f"distill/{m}", "final"))) for m in done}  # checked against its manifest
     launch = run.launch
-    metrics = {"students": score_students(cfg, corpus, students, oracle, heldout, launch), "estimates": {}}
+    metrics = {"students": score_students(cfg, corpus, students, oracle, heldout, launch) or {}, "estimates": {}}  # {}: not rank 0
     if "oracle-kd" in metrics["students"]:
         metrics["students"]["oracle-kd"]["note"] = "upper bound: trained on the true teacher distribution"
     if oracle is not None and not oracle.same_tokenizer:
