@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from bayeskd.errors import BayeskdError
-from bayeskd.ranks import is_main_rank
+from bayeskd.ranks import Launch, is_main_rank
 
 MANIFEST = "manifest.json"
 _PACKAGES = ("bayeskd", "torch", "transformers", "accelerate", "datasets", "peft", "openai", "numpy")
@@ -212,10 +212,12 @@ def versions() -> dict[str, str]:
 @dataclass
 class Run:
     """A run folder. `verify_checksums` (`--verify`): checksum every output a stage opens, and
-    every file of a finished stage that is skipped."""
+    every file of a finished stage that is skipped. `launch`: the ranks of a distributed launch
+    (`ranks.Launch`; one process by default), which the CLI sets once it holds the lock."""
 
     root: Path
     verify_checksums: bool = False
+    launch: Launch = field(default_factory=Launch, repr=False, compare=False)
     _verified: set = field(default_factory=set, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -244,11 +246,22 @@ class Run:
     ) -> Path | None:
         """Start a stage: None if it is already done with these config and inputs (skip it).
 
+        In a distributed launch (`launch`), rank 0 decides and prepares the folder; the other
+        ranks wait for its decision, so that none writes into a folder rank 0 is about to clear.
+
         Raises StaleStageError if it is done but was built from something else, unless `force`.
         An unfinished stage with the same fingerprint keeps its folder (a crashed run resumes
         from its checkpoints); otherwise the folder is emptied first, unless `keep_outputs`
         (collect keeps its content-keyed store: nothing paid for is ever thrown away).
         """
+        if self.launch.distributed and not self.launch.main:
+            began = self.launch.broadcast(f"begin {stage}")
+            return None if began["skip"] else self.root / stage
+        d = self._begin(stage, config, inputs, force, keep_outputs)
+        self.launch.broadcast(f"begin {stage}", {"skip": d is None})
+        return d
+
+    def _begin(self, stage: str, config: dict, inputs: dict[str, str], force: bool, keep_outputs: bool) -> Path | None:
         fp = fingerprint({"config": config, "inputs": inputs})
         old = self.manifest(stage)
         if old and old.get("status") == "done" and not force:

@@ -85,19 +85,30 @@ def _dispatch(args: argparse.Namespace) -> int:
         _report("student", Run(cfg.run_dir), summary)
         return 0
     from bayeskd.lock import RunLock, describe
-    from bayeskd.stages import STAGES, stage
+    from bayeskd.ranks import Launch
+    from bayeskd.stages import RANK0_STAGES, STAGES, stage
 
     run = Run(cfg.run_dir, verify_checksums=args.verify)
     with RunLock(run.root) as lock:  # one command at a time on a run folder; exit 2 if another holds it
+        run.launch = launch = Launch.of(run.root, lock.holder)
         if lock.taken_over:
             print(f"bayeskd: took over the lock of {run.root} from a command that died holding it: "
                   f"{describe(lock.taken_over)}", file=sys.stderr)
-        run.save_config(to_dict(cfg))
+        if launch.main:
+            run.save_config(to_dict(cfg))
         names = list(STAGES) if args.command == "run" else [args.command]
-        for name in names:
-            with writing(run.root / name):  # a full disk anywhere in the stage: exit 2, naming the path
-                summary = stage(name)(cfg, run, args.force)
-            _report(name, run, summary)
+        try:
+            for name in names:
+                if launch.main or name not in RANK0_STAGES:
+                    with writing(run.root / name):  # a full disk anywhere in the stage: exit 2, naming the path
+                        summary = stage(name)(cfg, run, args.force)
+                # Under `accelerate launch` every rank goes on once rank 0 has finished (and recorded) the stage.
+                launch.broadcast(f"stage {name}")
+                if launch.main:
+                    _report(name, run, summary)
+        except BaseException as e:  # the other ranks stop waiting for this one
+            launch.fail(f"{type(e).__name__}: {e}")
+            raise
     return 0
 
 

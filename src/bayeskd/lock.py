@@ -123,6 +123,7 @@ class RunLock:
         while True:
             holder = _read(self.path, tries=1)
             if holder and holder.get("launch") == mine:  # held, or already released by a rank 0 that skipped
+                self.holder = holder  # rank 0's record: what names this launch (`ranks.Launch.of`)
                 return
             if time.time() > deadline:
                 raise RunLockedError(

@@ -82,6 +82,21 @@ class TargetWriter:
         if self.rows >= self.shard_rows:
             self._flush()
 
+    def add_stored(self, record_index: int, arrays: dict[str, np.ndarray]) -> None:
+        """One record's rows as another writer stored them (`{set}_ids`, `{set}_probs`, `{set}_tail`,
+        `entropy`), copied as they are: merging stores changes no stored value."""
+        n = len(arrays["entropy"])
+        keys = [f"{name}_{key}" for name in self.sets for key in ("ids", "probs", "tail")] + ["entropy"]
+        for key in keys:
+            arr = arrays[key]
+            if len(arr) != n or (arr.ndim == 2 and arr.shape[1] != self.k):
+                raise ValueError(f"{key}: shape {arr.shape} for {n} rows of width {self.k}")
+            self.parts.setdefault(key, []).append(np.asarray(arr))
+        self.records.append((record_index, self.rows, n))
+        self.rows += n
+        if self.rows >= self.shard_rows:
+            self._flush()
+
     def _flush(self) -> None:
         if not self.records:
             return
@@ -100,6 +115,23 @@ class TargetWriter:
         with writing(self.folder / STORE_META, remove_on_error=tmp):
             tmp.write_text(json.dumps({"sets": list(self.sets), "k": self.k, **meta}, indent=2))
             os.replace(tmp, self.folder / STORE_META)
+
+
+def merge_stores(parts: list[Path], folder: str | Path, meta: dict, shard_rows: int = 1_000_000) -> TargetStore:
+    """One store from stores that each hold a consecutive slice of the records (the ranks of a
+    distributed `posterior`, in rank order): the records in that order, their rows copied, the
+    shards cut where one writer fed the same records would have cut them."""
+    stores = [TargetStore.open(p) for p in parts]
+    sets, k = stores[0].meta["sets"], stores[0].meta["k"]
+    if any(st.meta["sets"] != sets or st.meta["k"] != k for st in stores):
+        raise BayeskdError(f"target stores {[str(p) for p in parts]} differ in their sets or K: not parts of one store")
+    writer = TargetWriter(folder, tuple(sets), k, shard_rows)
+    for store in stores:
+        for index, (shard, start, rows) in store._index.items():  # in the order the part wrote them
+            arrays = store.arrays(shard)
+            writer.add_stored(index, {key: arr[start : start + rows] for key, arr in arrays.items() if key != "records"})
+    writer.close(meta)
+    return TargetStore.open(folder)
 
 
 @dataclass

@@ -121,6 +121,12 @@ def topk_targets(evidence: tuple[np.ndarray, np.ndarray] | None, n: int, samplin
     return D.SparseDist(ids.astype(np.int32), probs, np.clip(1 - probs.sum(1), 0, 1))
 
 
+def record_generator(seed: int, record_index: int) -> torch.Generator:
+    """The generator of `sampled` mode's draws for one corpus record: seeded by (seed, record), so
+    that a record gets the same draws whichever process scores it and whatever came before it."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + record_index) % 2**63)
+
+
 def update(
     prior: np.ndarray, proxy: np.ndarray, kappa: np.ndarray, cfg: PosteriorConfig, generator: torch.Generator | None
 ) -> np.ndarray:

@@ -59,6 +59,9 @@ def oracle_targets(cfg: Config, run: Run, corpus: TokenizedCorpus) -> TargetStor
     out = run.begin("oracle", stage_cfg, {"corpus": corpus.corpus_fp, "tokenizer": corpus.tokenizer_fp})
     if out is None:
         return TargetStore.open(run.output("oracle", "targets"))
+    if not run.launch.main:  # under `accelerate launch` rank 0 writes the targets; the others wait for them
+        run.launch.broadcast("oracle targets")
+        return TargetStore.open(run.output("oracle", "targets"))
     model = load_oracle(cfg, corpus.tokenizer_fp)
     writer = TargetWriter(out / "targets", ("oracle",), k)
     for rb in corpus.batches(range(len(corpus.dataset)), 8, "oracle"):
@@ -70,4 +73,5 @@ def oracle_targets(cfg: Config, run: Run, corpus: TokenizedCorpus) -> TargetStor
     writer.close({"tokenizer": corpus.tokenizer_fp, "corpus": corpus.corpus_fp, "teacher": oracle_model(cfg),
                   "note": "the true teacher distribution: an upper bound, never available to the method"})
     run.finish("oracle", "done", {"examples": len(corpus.dataset)})
+    run.launch.broadcast("oracle targets")
     return TargetStore.open(out / "targets")

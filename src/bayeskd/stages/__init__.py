@@ -31,6 +31,12 @@ _STAGES = {
 }
 STAGES: tuple[str, ...] = tuple(_STAGES)
 
+RANK0_STAGES = frozenset({"collect", "prior", "probe"})
+"""Under `accelerate launch`, the stages rank 0 runs alone while the other ranks wait: `collect` and
+`probe` ask the teacher (paid once, written once), `prior` counts on CPU. The others use every
+rank: `proxy` and `distill` train data-parallel, `posterior` and `eval` shard the examples
+(`ranks.Launch`) and rank 0 merges."""
+
 
 def stage(name: str) -> StageFn:
     module, fn = _STAGES[name]

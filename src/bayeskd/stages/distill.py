@@ -126,7 +126,7 @@ def run_distill(cfg: Config, run: Run, force: bool = False) -> dict | None:
         if len(points) == 1:
             summary = _train_point(cfg, corpus, shares, tables, weights, out, *points[0])
         else:
-            summary = _fit_mode(cfg, corpus, shares, tables, weights, out, points)
+            summary = _fit_mode(cfg, corpus, shares, tables, weights, out, points, run.launch)
         if mode == "oracle-kd":
             summary = {"note": UPPER_BOUND, **summary}
         run.finish(stage, "done", summary, {"model": summary["model"]})
@@ -134,7 +134,7 @@ def run_distill(cfg: Config, run: Run, force: bool = False) -> dict | None:
     return summaries or None
 
 
-def _fit_mode(cfg, corpus, shares, tables, weights, out: Path, points: list[tuple[float, float]]) -> dict:
+def _fit_mode(cfg, corpus, shares, tables, weights, out: Path, points: list[tuple[float, float]], launch) -> dict:
     """One student per (kd_weight, tau) in out/fit/, each resumable; the lowest validation NLL becomes out/final."""
     scored = []
     for kd_weight, tau in points:
@@ -143,11 +143,13 @@ def _fit_mode(cfg, corpus, shares, tables, weights, out: Path, points: list[tupl
         nll = summary.get("best_loss") if "best_loss" in summary else validation_nll(corpus, summary["model"])
         scored.append({"kd_weight": kd_weight, "tau": tau, "validation_nll": nll, "summary": summary})
     best = min(scored, key=lambda g: g["validation_nll"])
-    tmp = out / ".tmp-final"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(best["summary"]["model"], tmp)
-    shutil.rmtree(out / "final", ignore_errors=True)
-    os.replace(tmp, out / "final")
+    if launch.main:  # under `accelerate launch`, one copy; the other ranks wait for it
+        tmp = out / ".tmp-final"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(best["summary"]["model"], tmp)
+        shutil.rmtree(out / "final", ignore_errors=True)
+        os.replace(tmp, out / "final")
+    launch.broadcast(f"final {out}")
     return {**best["summary"], "model": str(out / "final"),
             "fit": {"chosen": {"kd_weight": best["kd_weight"], "tau": best["tau"]},
                     "grid": [{k: g[k] for k in ("kd_weight", "tau", "validation_nll")} for g in scored]}}  # fmt: skip

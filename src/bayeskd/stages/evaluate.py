@@ -21,6 +21,12 @@ the scored sequence, as when the student trains) and `heldout` (their counts are
 All distributions are dense over the vocabulary here, so the numbers are exact.
 
 Writes `eval/metrics.json` and `eval/report.md` with plots.
+
+Under `accelerate launch` every rank scores a consecutive slice of the examples (about equal
+response positions; for generation, of the prompts) and rank 0 gathers the sums and the
+per-position values, then writes the metrics: the numbers one process gives, within float
+rounding. The fidelity scoring covers the same examples whatever the split (the batches one
+process would reach within `eval.fidelity_positions`).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from bayeskd.evaluate import nextbyte
 from bayeskd.estimate import ngram
 from bayeskd.evaluate.answers import is_correct
 from bayeskd.artifacts import Run, write_json_atomic
+from bayeskd.ranks import Launch
 from bayeskd.config import Config
 from bayeskd.corpus import TokenizedCorpus, load_corpus
 from bayeskd.errors import BayeskdError
@@ -46,6 +53,7 @@ from bayeskd.estimate.update import (
     evidence_top,
     load_prior,
     record_evidence,
+    record_generator,
     response_spans,
     sampling_of,
     topk_targets,
@@ -91,15 +99,27 @@ def _oracle(cfg: Config, corpus: TokenizedCorpus) -> Oracle | None:
     return Oracle(model, tok, same)
 
 
-def score_students(cfg: Config, corpus: TokenizedCorpus, students: dict, oracle: Oracle | None, indices: list[int]) -> dict:
+def _responses(corpus: TokenizedCorpus, indices: list[int]) -> np.ndarray:
+    """Response positions of each of the dataset rows `indices`: the work each costs."""
+    return np.asarray(corpus.dataset["n_response"], dtype=np.int64)[np.asarray(indices, dtype=np.int64)]
+
+
+def score_students(
+    cfg: Config, corpus: TokenizedCorpus, students: dict, oracle: Oracle | None, indices: list[int],
+    launch: Launch | None = None,
+) -> dict | None:
     """bpb, NLL, ROUGE-L, accuracy and, with an oracle, KL(p_T || p_S) per token (one tokenizer only)
-    and per next byte (any tokenizers: `nextbyte`) of each student on `indices`."""
+    and per next byte (any tokenizers: `nextbyte`) of each student on `indices`.
+
+    In a distributed `launch`, this rank scores its slice and rank 0 returns the whole; the others None."""
+    launch = launch or Launch()
+    lo, hi = launch.shard(_responses(corpus, indices))
     teacher = oracle.model if oracle is not None and oracle.same_tokenizer else None
     firsts = nextbyte.first_bytes(corpus.tokenizer) if oracle is not None else None
     t_firsts = nextbyte.first_bytes(oracle.tokenizer) if oracle is not None else None
     sums: dict[str, dict] = {m: defaultdict(float) for m in students}
     n_bytes = n_tokens = shared = 0
-    for rb in corpus.batches(indices, cfg.eval.batch_size, "eval: students"):
+    for rb in corpus.batches(indices[lo:hi], cfg.eval.batch_size, "eval: students"):
         labels = rb.labels()
         n_bytes += sum(len(corpus.records[r["index"]]["text"].encode()) for r in rb.rows)
         n_tokens += sum(len(x) for x in labels)
@@ -128,9 +148,19 @@ def score_students(cfg: Config, corpus: TokenizedCorpus, students: dict, oracle:
                     pos, t_dist = boundaries[b]
                     s_dist = nextbyte.next_byte(torch.softmax(z[pos].float(), -1), firsts)
                     sums[mode]["kl_byte"] += float(M.kl_dense(t_dist, s_dist).sum())
+    mine = {"sums": {m: dict(v) for m, v in sums.items()}, "n_bytes": n_bytes, "n_tokens": n_tokens, "shared": shared,
+            "gen": {m: _generate(cfg, corpus, model, indices, launch) for m, model in students.items()}}  # fmt: skip
+    parts = launch.gather("eval students", mine)
+    if parts is None:
+        return None
+    n_bytes, n_tokens, shared = (sum(x[k] for x in parts) for k in ("n_bytes", "n_tokens", "shared"))
     out = {}
-    for mode, model in students.items():
-        gen = _generate(cfg, corpus, model, indices)
+    for mode in students:
+        sums = {mode: defaultdict(float)}
+        for x in parts:
+            for k, v in x["sums"][mode].items():
+                sums[mode][k] += v
+        gen = _generation_scores([x["gen"][mode] for x in parts])
         out[mode] = {
             "bpb": M.bits_per_byte(sums[mode]["nll"], n_bytes),
             "nll_per_token": sums[mode]["nll"] / max(n_tokens, 1),
@@ -144,16 +174,24 @@ def score_students(cfg: Config, corpus: TokenizedCorpus, students: dict, oracle:
     return out
 
 
-def _generate(cfg: Config, corpus: TokenizedCorpus, model, indices: list[int]) -> dict:
+def _generate(cfg: Config, corpus: TokenizedCorpus, model, indices: list[int], launch: Launch) -> dict:
+    """ROUGE-L per prompt and the answers checked and correct, on this rank's slice of the prompts of `indices`."""
     tok = corpus.tokenizer
     side, tok.padding_side = tok.padding_side, "left"  # generation pads on the left; restored below
     try:
-        return _generate_left_padded(cfg, corpus, model, indices)
+        return _generate_left_padded(cfg, corpus, model, indices, launch)
     finally:
         tok.padding_side = side
 
 
-def _generate_left_padded(cfg: Config, corpus: TokenizedCorpus, model, indices: list[int]) -> dict:
+def _generation_scores(parts: list[dict]) -> dict:
+    rouge = [r for x in parts for r in x["rouge"]]
+    correct, checked = sum(x["correct"] for x in parts), sum(x["checked"] for x in parts)
+    return {"rouge_l": float(np.mean(rouge)) if rouge else 0.0, "accuracy": correct / checked if checked else None,
+            "answer_prompts": checked}
+
+
+def _generate_left_padded(cfg: Config, corpus: TokenizedCorpus, model, indices: list[int], launch: Launch) -> dict:
     tok = corpus.tokenizer
     max_new = cfg.eval.max_new_tokens or cfg.collect.max_tokens
     records = [corpus.records[corpus.dataset[i]["index"]] for i in indices]
@@ -162,6 +200,8 @@ def _generate_left_padded(cfg: Config, corpus: TokenizedCorpus, model, indices: 
         if r["prompt_id"] not in seen:
             seen.add(r["prompt_id"])
             unique.append(r)
+    lo, hi = launch.shard(np.ones(len(unique)))  # every sample of a prompt stays in `records`: its references
+    unique = unique[lo:hi]
     rouge, correct, checked = [], 0, 0
     for lo in range(0, len(unique), cfg.eval.batch_size):
         chunk = unique[lo : lo + cfg.eval.batch_size]
@@ -176,15 +216,19 @@ def _generate_left_padded(cfg: Config, corpus: TokenizedCorpus, model, indices: 
             if r.get("answer"):
                 checked += 1
                 correct += is_correct(text, str(r["answer"]))
-    return {"rouge_l": float(np.mean(rouge)) if rouge else 0.0, "accuracy": correct / checked if checked else None,
-            "answer_prompts": checked}
+    return {"rouge": rouge, "correct": correct, "checked": checked}
 
 
-def score_estimates(cfg: Config, run: Run, corpus: TokenizedCorpus, teacher, heldout: bool) -> dict:
+def score_estimates(cfg: Config, run: Run, corpus: TokenizedCorpus, teacher, heldout: bool) -> dict | None:
     """Fidelity of each estimate to the teacher, dense over the vocabulary, in one setting.
 
     Held-out, also the black-box NLL of the estimates that do not contain the scored token,
-    next to their oracle KL, and how well the two agree on their order (`blackbox`)."""
+    next to their oracle KL, and how well the two agree on their order (`blackbox`).
+
+    The examples scored are the batches one process reaches within `eval.fidelity_positions`; in
+    a distributed launch (`run.launch`) each rank scores a slice of them and rank 0 returns the
+    whole, the others None."""
+    launch = run.launch
     prior = load_prior(cfg, run)
     proxy = load_causal_lm(str(proxy_model(cfg, run)))
     # With proxy.align sft+dpo, `proxy` is the DPO one; the SFT proxy it started from is scored beside it.
@@ -193,12 +237,15 @@ def score_estimates(cfg: Config, run: Run, corpus: TokenizedCorpus, teacher, hel
     indices = corpus.indices("heldout" if heldout else "train")
     mapper = EvidenceMapper(corpus.tokenizer) if p.use_logprobs else None
     acc: dict[str, list] = defaultdict(list)
-    positions = 0
-    gen = torch.Generator().manual_seed(p.seed)
     sampling = sampling_of(cfg)
-    for rb in corpus.batches(indices, cfg.eval.batch_size, f"eval: fidelity ({'heldout' if heldout else 'train'})"):
+    covered, positions, n_response = [], 0, _responses(corpus, indices)
+    for lo in range(0, len(indices), cfg.eval.batch_size):  # whole batches, until the budget is reached
         if positions >= cfg.eval.fidelity_positions:
             break
+        covered += indices[lo : lo + cfg.eval.batch_size]
+        positions += int(n_response[lo : lo + cfg.eval.batch_size].sum())
+    lo, hi = launch.shard(n_response[: len(covered)])
+    for rb in corpus.batches(covered[lo:hi], cfg.eval.batch_size, f"eval: fidelity ({'heldout' if heldout else 'train'})"):
         z_sft = rb.logits(sft) if sft is not None else [None] * len(rb.rows)
         for row, y, zt, zp, zs in zip(rb.rows, rb.labels(), rb.logits(teacher), rb.logits(proxy), z_sft):
             y = y.numpy()
@@ -210,6 +257,7 @@ def score_estimates(cfg: Config, run: Run, corpus: TokenizedCorpus, teacher, hel
             # the tables (left out when prior.leave_one_out, as the posterior stage did).
             loo = y if (not heldout and cfg.prior.leave_one_out) else None
             p_prior = prior.dense(ctx, targets=loo)
+            gen = record_generator(p.seed, row["index"])
             bare = update(p_prior, p_proxy, prior.query(ctx, 1, targets=loo).kappa, p, gen)
             record, every = corpus.records[row["index"]], np.tile(np.arange(vocab), (len(y), 1))
             raw = record_evidence(mapper, record, corpus.tokenizer, cfg.data.template, len(y), evidence_top(cfg))
@@ -234,7 +282,14 @@ def score_estimates(cfg: Config, run: Run, corpus: TokenizedCorpus, teacher, hel
                 for k, v in M.fidelity(p_t, est, y).items():
                     acc[f"{name}/{k}"].append(v)
             acc["position"].append(np.arange(len(y)))
-            positions += len(y)
+    parts = launch.gather(f"eval fidelity {'heldout' if heldout else 'train'}", dict(acc))
+    if parts is None:
+        return None
+    acc = defaultdict(list)
+    for part in parts:  # in rank order: the positions in the order one process scores them
+        for k, v in part.items():
+            acc[k] += v
+    positions = sum(len(x) for x in acc["position"])
     if positions == 0:
         return {}
     out = {name: _means(acc, name) for name in (*estimate_names(acc), *_covering(acc, TOPK_ONLY)) if "+" not in name}
@@ -303,7 +358,8 @@ def run_eval(cfg: Config, run: Run, force: bool = False) -> dict | None:
         raise BayeskdError("no held-out example: raise data.heldout_fraction or collect more prompts")
     oracle = _oracle(cfg, corpus)
     students = {m: load_causal_lm(str(run.output(f"distill/{m}", "final"))) for m in done}  # checked against its manifest
-    metrics = {"students": score_students(cfg, corpus, students, oracle, heldout), "estimates": {}}
+    launch = run.launch
+    metrics = {"students": score_students(cfg, corpus, students, oracle, heldout, launch) or {}, "estimates": {}}  # {}: not rank 0
     if "oracle-kd" in metrics["students"]:
         metrics["students"]["oracle-kd"]["note"] = "upper bound: trained on the true teacher distribution"
     if oracle is not None and not oracle.same_tokenizer:
@@ -314,6 +370,8 @@ def run_eval(cfg: Config, run: Run, force: bool = False) -> dict | None:
             setting: score_estimates(fitted, run, corpus, oracle.model, heldout=setting == "heldout")
             for setting in ("train", "heldout")
         }
+    if not launch.main:  # rank 0 has every rank's scores: it alone writes
+        return None
     write_json_atomic(out / "metrics.json", metrics)
     write_report(run, metrics, out)
     run.finish("eval", "done", {"metrics": str(out / "metrics.json"), "report": str(out / "report.md")})

@@ -13,11 +13,20 @@ log-likelihood of the teacher's response (Proxy-KD's sample weights).
 With `posterior.proxy_backend: openai` the proxy is not the run's checkpoint but a model behind a
 completions endpoint that echoes prompt logprobs (`estimate/served.py`): its top-k at each
 response token, the rest its tail; the `proxy` stage's output is then not read.
+
+Under `accelerate launch` each rank takes a consecutive slice of the examples (about equal
+response positions) and writes its part under `posterior/.parts/rank-<k>/`; rank 0 waits for
+every part and merges them into `posterior/targets/` (`targets.merge_stores`): the store one
+process writes, record for record. `sampled` mode's draws are seeded per record
+(`record_generator`), so they do not depend on the split either. `posterior.fit: auto` runs on
+rank 0 alone; the other ranks wait for its choice.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
+from collections import Counter
 
 import numpy as np
 import torch
@@ -33,6 +42,7 @@ from bayeskd.estimate.update import (
     evidence_top,
     load_prior,
     record_evidence,
+    record_generator,
     sampling_of,
     topk_targets,
 )
@@ -40,7 +50,7 @@ from bayeskd.estimate.evidence import EvidenceMapper
 from bayeskd.estimate.served import ServedProxy, ServedRow
 from bayeskd.models import check_same_tokenizer, load_causal_lm
 from bayeskd.stages import proxy_model
-from bayeskd.estimate.targets import TargetStore, TargetWriter
+from bayeskd.estimate.targets import TargetStore, TargetWriter, merge_stores
 
 
 def run_posterior(cfg: Config, run: Run, force: bool = False) -> dict | None:
@@ -67,41 +77,58 @@ def run_posterior(cfg: Config, run: Run, force: bool = False) -> dict | None:
     out = run.begin("posterior", stage_cfg, inputs, force)
     if out is None:
         return None
-    if served:
+    launch = run.launch
+    if served:  # each rank asks the endpoint for its own slice
         proxy = ServedProxy(cfg.posterior, corpus.tokenizer)
         try:
             proxy.check()
-            summary = _compute(cfg, corpus, load_prior(cfg, run), proxy, out, inputs)
+            summary = _compute(cfg, corpus, load_prior(cfg, run), proxy, out, inputs, launch)
         finally:
             proxy.close()
-        run.finish("posterior", "done", {**summary, "served_proxy": proxy.summary()}, {"targets": corpus.tokenizer_fp})
+        if not launch.main:
+            return None
+        summary = {**summary, "served_proxy": proxy.summary()}
+        run.finish("posterior", "done", summary, {"targets": corpus.tokenizer_fp})
         return summary
     proxy = load_causal_lm(str(proxy_dir))
     fitted = {}
     if cfg.posterior.fit == "auto":  # no oracle: the teacher's own tokens on the validation split
-        result = blackbox.fit(cfg, corpus, ngram.NGramTable.load(run.output("prior", "tables")), proxy)
-        write_json_atomic(out / "fit.json", result)
+        result = None
+        if launch.main:
+            result = blackbox.fit(cfg, corpus, ngram.NGramTable.load(run.output("prior", "tables")), proxy)
+            write_json_atomic(out / "fit.json", result)
+        result = launch.broadcast("posterior fit", result)
         cfg = blackbox.with_values(cfg, result["chosen"])
         fitted = {"fit": {k: v for k, v in result.items() if k != "grid"}}
-    summary = {**fitted, **_compute(cfg, corpus, load_prior(cfg, run), proxy, out, inputs)}
+    computed = _compute(cfg, corpus, load_prior(cfg, run), proxy, out, inputs, launch)
+    if not launch.main:
+        return None
+    summary = {**fitted, **computed}
     run.finish("posterior", "done", summary, {"targets": corpus.tokenizer_fp})
     return summary
 
 
-def _compute(cfg: Config, corpus: TokenizedCorpus, prior: NGramPrior, proxy, out, inputs: dict) -> dict:
+PARTS = ".parts"
+
+
+def _compute(cfg: Config, corpus: TokenizedCorpus, prior: NGramPrior, proxy, out, inputs: dict, launch) -> dict | None:
+    """Score this rank's slice of the examples into its part (the whole store with one process);
+    rank 0 then merges the parts and returns the summary, the other ranks None."""
     p = cfg.posterior
     data = corpus.dataset
     vocab = len(corpus.tokenizer)
     contexts, targets = ngram.corpus_contexts(corpus.docs(data), prior.order, vocab)
-    starts = np.concatenate([[0], np.cumsum(data["n_response"])])
+    n_response = np.asarray(data["n_response"])
+    starts = np.concatenate([[0], np.cumsum(n_response)])
+    lo, hi = launch.shard(n_response)
+    part = out / PARTS / f"rank-{launch.rank}" if launch.distributed else out
     mapper = EvidenceMapper(corpus.tokenizer)  # the API's top-k: `topk` targets always, the posterior's evidence if asked
-    writer = TargetWriter(out / "targets", TARGET_SETS, p.top_k)
-    generator = torch.Generator().manual_seed(p.seed)
+    writer = TargetWriter(part / "targets", TARGET_SETS, p.top_k)
     sampling = sampling_of(cfg)
     loglik = np.full(len(corpus.records), np.nan)
     t_proxy = t_total = 0.0
-    entropies = []
-    for rb in corpus.batches(range(len(data)), p.batch_size, "posterior"):
+    entropy_sum = 0.0
+    for rb in corpus.batches(range(lo, hi), p.batch_size, "posterior"):
         t0 = time.perf_counter()
         if isinstance(proxy, ServedProxy):  # top-k and the realised token's logprob, per response token
             items = [(corpus.records[row["index"]], row["input_ids"], row["n_response"]) for row in rb.rows]
@@ -117,28 +144,45 @@ def _compute(cfg: Config, corpus: TokenizedCorpus, prior: NGramPrior, proxy, out
             ev = record_evidence(mapper, record, corpus.tokenizer, cfg.data.template, n, evidence_top(cfg))
             evidence = ev if p.use_logprobs else None
             dist = z.dist if isinstance(z, ServedRow) else z
+            generator = record_generator(p.seed, row["index"])
             dists, ent = estimate(prior, contexts[sl], loo, dist, p, cfg.prior.top_k, evidence, generator, sampling=sampling)
             dists["topk"] = topk_targets(ev, n, sampling)
             writer.add(row["index"], dists, ent)
-            entropies.append(ent)
+            entropy_sum += float(ent.astype(np.float64).sum())
             if isinstance(z, ServedRow):
                 loglik[row["index"]] = float(z.token_logprobs.mean())
             else:
                 labels = torch.from_numpy(targets[sl].astype(np.int64))
                 loglik[row["index"]] = float((z.gather(1, labels[:, None]).squeeze(1) - z.logsumexp(-1)).mean())
         t_total += time.perf_counter() - t0
-    np.save(out / "proxy_loglik.npy", loglik)
     meta = {"tokenizer": corpus.tokenizer_fp, "corpus": corpus.corpus_fp, "mode": p.mode, "m": p.m, "k": p.top_k,
             "prior_tables": inputs["prior"], "proxy_checkpoint": inputs["proxy"]}
     writer.close(meta)
+    mine = {"loglik": loglik, "positions": int(starts[hi] - starts[lo]), "t_proxy": t_proxy, "t_total": t_total,
+            "entropy_sum": entropy_sum, "evidence": dict(mapper.stats)}  # fmt: skip
+    parts = launch.gather("posterior parts", mine)
+    if parts is None:
+        return None
+    t_merge = time.perf_counter()
+    if launch.distributed:
+        merge_stores([out / PARTS / f"rank-{r}" / "targets" for r in range(launch.world)], out / "targets", meta)
+        shutil.rmtree(out / PARTS)
+        loglik = parts[0]["loglik"]
+        for other in parts[1:]:  # every record was scored by one rank; the others left it NaN
+            loglik = np.where(np.isnan(loglik), other["loglik"], loglik)
+        mapper.stats = sum((Counter(x["evidence"]) for x in parts), Counter())
+    t_merge = time.perf_counter() - t_merge
+    np.save(out / "proxy_loglik.npy", loglik)
     store = TargetStore.open(out / "targets")
-    ent = np.concatenate(entropies) if entropies else np.zeros(0)
+    # The launch's rate: its positions over its slowest rank's time, plus the merge.
+    wall = max(x["t_total"] for x in parts) + (t_merge if launch.distributed else 0.0)
     return {
         "examples": len(data),
         "positions": int(len(targets)),
-        "positions_per_s": len(targets) / max(t_total, 1e-9),
-        "proxy_forward_share": t_proxy / max(t_total, 1e-9),
-        "mean_posterior_entropy": float(ent.mean()) if len(ent) else 0.0,
+        "processes": launch.world,
+        "positions_per_s": len(targets) / max(wall, 1e-9),
+        "proxy_forward_share": sum(x["t_proxy"] for x in parts) / max(sum(x["t_total"] for x in parts), 1e-9),
+        "mean_posterior_entropy": sum(x["entropy_sum"] for x in parts) / len(targets) if len(targets) else 0.0,
         "bytes_per_entry": store.bytes_per_entry("posterior"),
         "evidence": mapper.summary(),
     }
