@@ -98,7 +98,7 @@ def run_serve(teacher, reqs, clients: int) -> tuple[int, int]:
     import openai
 
     from bayeskd.teachers.config import ServeConfig
-    from bayeskd.teachers.server import BackgroundServer
+    from bayeskd.teachers.hosting import BackgroundServer
 
     todo = list(reqs)
     lock = threading.Lock()

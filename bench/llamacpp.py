@@ -38,7 +38,7 @@ from bayeskd.cli import main as bayeskd  # noqa: E402
 from bayeskd.config import load_config  # noqa: E402
 from bayeskd.models import CHATML_TEMPLATE, cache_root, embedded_gguf  # noqa: E402
 from bayeskd.teachers.check import check_teacher  # noqa: E402
-from bayeskd.teachers.server import ServerProcess, free_port  # noqa: E402
+from bayeskd.teachers.hosting import ServerProcess, free_port  # noqa: E402
 
 VERSION = "0.3.36"
 CMAKE_ARGS = "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF"

@@ -89,7 +89,7 @@ def compare(model_ref: str, docs: list[dict], folder: Path, served_name: str = "
     from bayeskd.models import resolve
     from bayeskd.teachers.config import ServeConfig
     from bayeskd.teachers.local import LocalTeacher
-    from bayeskd.teachers.server import BackgroundServer
+    from bayeskd.teachers.hosting import BackgroundServer
 
     t0 = time.perf_counter()
     with BackgroundServer(LocalTeacher(model_ref, batch_size=8), ServeConfig(port=0), served_name=served_name) as s:

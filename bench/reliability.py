@@ -56,7 +56,7 @@ import run_safety  # noqa: E402  (bench/run_safety.py, beside this script)
 from sigkill import sigkill_loop  # noqa: E402  (bench/sigkill.py, beside this script)
 from bayeskd.teachers.local import LocalTeacher  # noqa: E402
 from bayeskd.teachers.openai_compat import OpenAITeacher  # noqa: E402
-from bayeskd.teachers.server import BackgroundServer, free_port  # noqa: E402
+from bayeskd.teachers.hosting import BackgroundServer, free_port  # noqa: E402
 
 # One torch thread: a tiny model gains nothing from more, and on a shared machine they spin.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -37,7 +37,7 @@ SHARED_STAGES = ("collect", "prior", "proxy", "posterior", "oracle")
 
 def server(model: str, port: int):
     """`bayeskd serve` of `model` in a child process, for as long as the `with` block lasts."""
-    from bayeskd.teachers.server import ServerProcess
+    from bayeskd.teachers.hosting import ServerProcess
 
     cmd = [sys.executable, "-m", "bayeskd.cli", "serve", "teacher.backend=local", f"teacher.model={model}",
            f"serve.port={port}", "serve.max_batch=16"]  # fmt: skip

@@ -67,7 +67,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "serve":
         from bayeskd.teachers.local import LocalTeacher
-        from bayeskd.teachers.server import serve
+        from bayeskd.teachers.hosting import serve
 
         t = cfg.teacher
         serve(LocalTeacher(t.model, device=t.device, dtype=t.dtype, batch_size=cfg.serve.max_batch), cfg.serve, cfg.serve.model_name)

@@ -49,7 +49,7 @@ def eager_eos_teacher_dir(tiny_teacher_dir, tmp_path_factory):
 
 def _start_server(model_dir, cfg: ServeConfig | None = None):
     from bayeskd.teachers.local import LocalTeacher
-    from bayeskd.teachers.server import BackgroundServer
+    from bayeskd.teachers.hosting import BackgroundServer
 
     cfg = cfg or ServeConfig(port=0)
     return BackgroundServer(LocalTeacher(str(model_dir), batch_size=cfg.max_batch), cfg)

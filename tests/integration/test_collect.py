@@ -20,7 +20,7 @@ from bayeskd.teachers.config import ServeConfig, TeacherConfig
 from bayeskd.teachers.base import TeacherRequest
 from bayeskd.teachers.openai_compat import OpenAITeacher
 
-from bayeskd.teachers.server import free_port
+from bayeskd.teachers.hosting import free_port
 
 
 def corpus(run_dir: Path) -> list[dict]:

@@ -18,7 +18,7 @@ from bayeskd.teachers.config import ServeConfig
 from bayeskd.config import load_config
 from bayeskd.corpus import load_corpus
 from bayeskd.teachers.local import LocalTeacher
-from bayeskd.teachers.server import BackgroundServer
+from bayeskd.teachers.hosting import BackgroundServer
 
 
 def write_tasks(path, n: int = 30) -> dict[str, str]:

@@ -15,7 +15,7 @@ from bayeskd.models import build_tiny, load_tokenizer
 from bayeskd.prompts import load_builtin_prompts
 from bayeskd.teachers.config import ServeConfig
 from bayeskd.teachers.local import LocalTeacher
-from bayeskd.teachers.server import BackgroundServer
+from bayeskd.teachers.hosting import BackgroundServer
 from lmeval import DOCS, lmeval_logliks, own_logliks  # bench/lmeval.py (tests/conftest.py puts bench/ on the path)
 
 

@@ -37,7 +37,7 @@ def manifest(run_dir, stage: str) -> dict:
 def serve_as_proxy(model_dir):
     """`bayeskd serve`'s server for `model_dir`, under the name "proxy" (as `serve.model_name` names it)."""
     from bayeskd.teachers.local import LocalTeacher
-    from bayeskd.teachers.server import BackgroundServer
+    from bayeskd.teachers.hosting import BackgroundServer
 
     return BackgroundServer(LocalTeacher(str(model_dir), batch_size=8), ServeConfig(port=0), served_name="proxy")
 

@@ -5,7 +5,7 @@
 `openai_compat` (any OpenAI-compatible endpoint). `cached` puts a teacher behind the response
 `store` and a budget, `batch` does the same through a Batch API; `check` is `bayeskd
 teacher-check`; `server` is `bayeskd serve` (its Batch API in `serve_batch`), with the `faults`
-and `quirks` that tests turn on. `config` holds their options.
+and `quirks` that tests turn on, run by `hosting` (foreground, a thread, a child process). `config` holds their options.
 
 May import: the run's plumbing (bayeskd.errors, config, artifacts, models). Nothing here imports
 the estimate, training, evaluation or the stages.
