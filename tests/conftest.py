@@ -1,9 +1,13 @@
-"""Shared training fixtures: a tiny causal LM built from config and a small corpus of records."""
+"""Shared fixtures: a tiny causal LM built from config, a small corpus of records, and a loopback
+server that records what a client sends."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -151,3 +155,48 @@ def train_script(tmp_path, tiny_lm, corpus_records):
         return s, str(path)
 
     return script, spec
+
+
+class RecordingServer:
+    """A loopback HTTP server that keeps every request's JSON body and answers it with one valid choice
+    per `n` (`bayeskd serve` ignores fields it does not know, so it cannot show what it was sent)."""
+
+    def __init__(self):
+        bodies = self.bodies = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                bodies.append((self.path, body))
+                chat = self.path.endswith("/chat/completions")
+                choice = {"message": {"role": "assistant", "content": "ok"}} if chat else {"text": "ok"}
+                n = body.get("n", 1)
+                answer = {"id": "x", "object": "chat.completion" if chat else "text_completion", "created": 0,
+                          "model": body["model"], "usage": {"prompt_tokens": 3, "completion_tokens": n},
+                          "choices": [{"index": i, "finish_reason": "stop", **choice} for i in range(n)]}  # fmt: skip
+                data = json.dumps(answer).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self.http.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.http.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.http.shutdown()
+
+
+@pytest.fixture
+def recording_server():
+    """`with recording_server() as s:` -- a RecordingServer; `s.bodies` holds (path, JSON body) per request."""
+    return RecordingServer

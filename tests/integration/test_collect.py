@@ -7,9 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import openai
@@ -176,48 +174,9 @@ def test_collect_killed_midway_resumes_with_one_record_per_request(tiny_teacher_
 EXTRA = {"top_k": 0, "min_p": 0, "repeat_penalty": 1.0}
 
 
-class RecordingServer:
-    """A loopback HTTP server that keeps every request's JSON body and answers it with one valid choice
-    per `n` (`bayeskd serve` ignores fields it does not know, so it cannot show what it was sent)."""
-
-    def __init__(self):
-        bodies = self.bodies = []
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-                bodies.append((self.path, body))
-                chat = self.path.endswith("/chat/completions")
-                choice = {"message": {"role": "assistant", "content": "ok"}} if chat else {"text": "ok"}
-                n = body.get("n", 1)
-                answer = {"id": "x", "object": "chat.completion" if chat else "text_completion", "created": 0,
-                          "model": body["model"], "usage": {"prompt_tokens": 3, "completion_tokens": n},
-                          "choices": [{"index": i, "finish_reason": "stop", **choice} for i in range(n)]}  # fmt: skip
-                data = json.dumps(answer).encode()
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base_url = f"http://127.0.0.1:{self.http.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.http.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.http.shutdown()
-
-
 @pytest.mark.parametrize("endpoint, prefix_via", [("chat", "continue_final_message"), ("completions", "completions")])
-def test_extra_body_is_sent_with_every_request(endpoint, prefix_via):
-    with RecordingServer() as s:
+def test_extra_body_is_sent_with_every_request(endpoint, prefix_via, recording_server):
+    with recording_server() as s:
         cfg = TeacherConfig(backend="openai", model="m", base_url=s.base_url, endpoint=endpoint, prefix_via=prefix_via,
                             extra_body=EXTRA)  # fmt: skip
         teacher = OpenAITeacher(cfg)

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from bayeskd.prompts import load_prompts
 from bayeskd.stages.collect import request_for, sample_key
@@ -58,39 +56,15 @@ def test_lines_are_openai_batch_lines_keyed_by_sample():
     teacher.close()
 
 
-def test_a_line_is_the_body_its_request_sends_online():
+def test_a_line_is_the_body_its_request_sends_online(recording_server):
     """What the SDK puts on the wire for the same request (a real loopback server keeps it) is the line's body."""
-    bodies = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-            bodies.append(body)
-            answer = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                      "usage": {"prompt_tokens": 3, "completion_tokens": 1},
-                      "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "ok"}}]}  # fmt: skip
-            data = json.dumps(answer).encode()
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=http.serve_forever, daemon=True).start()
-    try:
-        teacher = OpenAITeacher(TeacherConfig(backend="openai", model="m", base_url=f"http://127.0.0.1:{http.server_address[1]}/v1",
-                                              extra_body=EXTRA))  # fmt: skip
+    with recording_server() as s:
+        teacher = OpenAITeacher(TeacherConfig(backend="openai", model="m", base_url=s.base_url, extra_body=EXTRA))
         for request in (TeacherRequest.chat([{"role": "user", "content": "hi"}], max_tokens=3, seed=11, top_logprobs=2),
                         TeacherRequest.chat([{"role": "system", "content": "s"}, {"role": "user", "content": "é"}], stop=("x",))):  # fmt: skip
             teacher.generate(request)
-            assert bodies[-1] == batch_line(teacher, Ask(request, ("k",)))["body"]
+            assert s.bodies[-1][1] == batch_line(teacher, Ask(request, ("k",)))["body"]
         teacher.close()
-    finally:
-        http.shutdown()
     assert ENDPOINT == "/v1/chat/completions"
 
 
