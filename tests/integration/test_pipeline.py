@@ -123,6 +123,13 @@ def test_posterior_and_every_distill_mode_through_the_cli(tiny_teacher_dir, tmp_
     assert "prior" not in last and "target" not in last
     last = json.loads((tmp_path / "distill" / "topk-kd" / "train_log.jsonl").read_text().splitlines()[-1])
     assert "prior" not in last and last["target"] > 0
+    # Proxy-KD's per-record weights off (an ablation) is another student: its stage config says so.
+    weighted = manifest(tmp_path, "distill/proxy-kd")
+    assert weighted["config"]["sample_weights"] == "kl-only"
+    assert main(["distill", *args, "distill.modes=[proxy-kd]", "distill.proxy_kd_weights=false"]) == 2  # changed: refused
+    assert main(["distill", *args, "distill.modes=[proxy-kd]", "distill.proxy_kd_weights=false", "--force"]) == 0
+    unweighted = manifest(tmp_path, "distill/proxy-kd")
+    assert "sample_weights" not in unweighted["config"] and unweighted["fingerprint"] != weighted["fingerprint"]
     # topk-kd's targets are the API's own top-k, as mapped onto student tokens: nothing else.
     store = TargetStore.open(tmp_path / "posterior" / "targets")
     corpus_rows = [json.loads(x) for x in (tmp_path / "collect" / "corpus.jsonl").read_text().splitlines()]

@@ -80,7 +80,8 @@ def _plan(cfg: Config, run: Run, mode: str, corpus) -> tuple[dict, dict, list[fl
         return {"target": 1.0}, {"target": store.table("topk")}, None, extra
     if mode == "proxy-kd":
         loglik = np.load(run.output("posterior", "proxy_loglik.npy"))
-        return {"target": 1.0}, {"target": store.table("proxy")}, proxy_kd_weights(loglik), extra
+        weights = proxy_kd_weights(loglik) if d.proxy_kd_weights else None
+        return {"target": 1.0}, {"target": store.table("proxy")}, weights, extra
     raise BayeskdError(f"distill.modes: unknown mode {mode!r}")
 
 

@@ -235,6 +235,10 @@ class DistillConfig:
     """`bayes`: the share of `kd_weight` on KL to the prior (alpha = prior_share * kd_weight); the
     rest goes to KL to the posterior (beta). 1/3 keeps the 1 : 2 split of the method's first
     objective (alpha 0.5, beta 1). `prior-only` puts all of `kd_weight` on the prior."""
+    proxy_kd_weights: bool = True
+    """`proxy-kd`: scale each record's KL by Proxy-KD's weight, sigmoid of the proxy's standardised
+    log-likelihood of the teacher's response (their mean is about 0.5, so the mode's KD term is
+    about half of `kd_weight` on average). false: every record weight 1 (an ablation)."""
     tau: float = 1.0
     """Student temperature in the KL terms (scaled by tau^2)."""
     fit: Literal["none", "auto"] = "none"
