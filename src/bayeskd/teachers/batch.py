@@ -180,7 +180,6 @@ class BatchTeacher(CachedTeacher):
 
     def _download(self, batch, entry: dict, state: dict, by_key: dict, bodies: Bodies) -> Iterator[tuple[Job, list[dict]]]:
         """Store every answer of a finished batch, list every line that has none as a failure, close the entry."""
-        asked = [json.loads(line)["custom_id"] for line in (self.folder / entry["input"]).read_text().splitlines()]
         answered: set[str] = set()
         for file_id in (batch.output_file_id, batch.error_file_id):
             if not file_id:
@@ -205,21 +204,21 @@ class BatchTeacher(CachedTeacher):
                     continue
                 yield job, self._keep(ask, bodies(job, ask.request, result), result, batch=batch.id)
         why = _batch_errors(batch) or f"the batch ended {batch.status} without answering it"
-        for key in asked:
-            if key not in answered and key not in self.store and key in by_key:
-                self.budget.release(self._reserved.pop(key, 0), batch=True)
-                self._failed(by_key[key][1], TeacherError(f"batch {batch.id}: {why}"), batch=batch.id)
+        self._fail_unanswered(entry, by_key, answered, why)
         self._close(entry, state, batch)
 
     def _lost(self, entry: dict, state: dict, by_key: dict) -> None:
-        for line in (self.folder / entry["input"]).read_text().splitlines():
-            key = json.loads(line)["custom_id"]
-            if key not in self.store and key in by_key:
-                self.budget.release(self._reserved.pop(key, 0), batch=True)
-                self._failed(by_key[key][1], TeacherError(f"batch {entry['batch_id']}: unknown to the server (lost)"),
-                             batch=entry["batch_id"])  # fmt: skip
+        self._fail_unanswered(entry, by_key, set(), "unknown to the server (lost)")
         entry.update(finished=True, status="lost")
         self._save(state)
+
+    def _fail_unanswered(self, entry: dict, by_key: dict, answered: set[str], why: str) -> None:
+        """Every line of the batch's input that has no answer (and is still wanted) is a failure, its reservation released."""
+        for line in (self.folder / entry["input"]).read_text().splitlines():
+            key = json.loads(line)["custom_id"]
+            if key not in answered and key not in self.store and key in by_key:
+                self.budget.release(self._reserved.pop(key, 0), batch=True)
+                self._failed(by_key[key][1], TeacherError(f"batch {entry['batch_id']}: {why}"), batch=entry["batch_id"])
 
     def _close(self, entry: dict, state: dict, batch) -> None:
         counts = batch.request_counts

@@ -185,9 +185,9 @@ class Ledger:
 
     @property
     def cost(self) -> float:
-        batch = self.cost_of(sum(self.batch_prompt_tokens.values()), sum(self.batch_completion_tokens.values()))
-        total = self.cost_of(sum(self.prompt_tokens.values()), sum(self.completion_tokens.values()))
-        return total - batch * (1 - self.price.batch_discount)
+        bp, bc = sum(self.batch_prompt_tokens.values()), sum(self.batch_completion_tokens.values())
+        online = self.cost_of(sum(self.prompt_tokens.values()) - bp, sum(self.completion_tokens.values()) - bc)
+        return online + self.cost_of(bp, bc, batch=True)
 
     def to_dict(self) -> dict:
         out = {
