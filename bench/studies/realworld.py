@@ -48,11 +48,8 @@ import functools
 import json
 import math
 import os
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
@@ -129,25 +126,13 @@ def write_prompts(suite: Used, path: Path) -> Path:
 @contextlib.contextmanager
 def served(model: Path, config: str):
     """`bayeskd serve` on a free loopback port, in its own process: the teacher's weights stay there."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from bayeskd.teachers.hosting import ServerProcess, free_port
+
+    port = free_port("127.0.0.1")
     cmd = [sys.executable, "-m", "bayeskd.cli", "serve", "--config", config, "teacher.backend=local",
            f"teacher.model={model}", "serve.model_name=teacher", f"serve.port={port}", "serve.max_n=16", "serve.max_batch=64"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        for _ in range(600):
-            if proc.poll() is not None:
-                raise RuntimeError(f"bayeskd serve exited with {proc.returncode}: {' '.join(cmd)}")
-            with contextlib.suppress(OSError):
-                urllib.request.urlopen(f"{url}/models", timeout=2)
-                break
-            time.sleep(1)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    with ServerProcess(cmd, f"http://127.0.0.1:{port}/v1", cwd=str(ROOT), log=os.devnull) as server:
+        yield server.base_url
 
 
 # ------------------------------------------------------------------------------ the runs
